@@ -1,0 +1,47 @@
+"""txregistry: a Docker/OCI registry pull-through cache on Twisted."""
+
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "txregistry" / "__init__.py").read_text())[
+    1
+]
+
+setup(
+    name="txregistry",
+    version=VERSION,
+    description="A Docker/OCI registry pull-through cache appliance, on Twisted",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    # "twisted.plugins" has no __init__.py: it is Twisted's plugin namespace,
+    # and shipping one would replace Twisted's own.
+    packages=["txregistry", "twisted.plugins"],
+    package_data={"twisted.plugins": ["txregistry_plugin.py"]},
+    install_requires=[
+        "twisted[tls]>=24.7.0",
+        "treq>=24.9.1",
+        "service-identity>=24.1.0",
+        "pyopenssl>=24.2.1",
+        "txaio>=23.1.1",
+        "diskcache>=5.6.3",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "hypothesis>=6.100",
+            "cryptography>=42",
+        ],
+        "dev": ["mypy>=1.10", "ruff>=0.5"],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Topic :: System :: Software Distribution",
+    ],
+)

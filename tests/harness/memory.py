@@ -1,0 +1,296 @@
+"""
+txregistry wired to a fake upstream, entirely in memory.
+
+The client side is txregistry's real L{RegistrySite} on a L{StringTransport},
+so a test sees exactly the bytes a client would, including an aborted
+connection.  The upstream side is L{FakeRegistry}, an in-memory OCI registry
+behind treq's L{RequestTraversalAgent}.  Time is a L{Clock}.  Store calls
+run synchronously, against a real diskcache in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from treq.testing import RequestTraversalAgent
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from txregistry.config import CacheConfig, MirrorConfig, RegistryConfig
+from txregistry.proxy import PullThroughCache
+from txregistry.reference import Digest
+from txregistry.resource import RegistryResource, RegistrySite
+from txregistry.routing import Router
+from txregistry.store import CacheStore
+from txregistry.upstream import Upstream
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+def run_now(f: Callable[..., Any], *args: Any) -> Any:
+    """A store runner that blocks: fine when nothing else is running."""
+    return maybeDeferred(f, *args)
+
+
+@dataclass
+class Seen:
+    """A request the fake upstream received."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+@dataclass
+class FakeRegistry(Resource):
+    """
+    An in-memory OCI registry: enough of the pull API, Bearer token auth
+    when C{require_token} is set, and hooks to inject faults.
+    """
+
+    isLeaf = True
+
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    manifests: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    tags: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+    seen: list[Seen] = field(default_factory=list)
+    require_token: bool = False
+    token_lifetime: int = 300
+    tokens_issued: list[str] = field(default_factory=list)
+    # Called first with each request; a non-None result is the response body.
+    hooks: list[Callable[[Request], bytes | None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        Resource.__init__(self)
+
+    # Filling it.
+
+    def add_blob(self, data: bytes) -> str:
+        digest = str(Digest.of(data))
+        self.blobs[digest] = data
+        return digest
+
+    def add_manifest(
+        self, repository: str, tag: str | None, body: bytes, media_type: str = OCI_MANIFEST
+    ) -> str:
+        digest = str(Digest.of(body))
+        self.manifests[digest] = (media_type, body)
+        if tag is not None:
+            self.tags.setdefault((repository, tag), {})[media_type] = digest
+        return digest
+
+    def requests(self, method: str | None = None, contains: str = "") -> list[Seen]:
+        return [
+            s for s in self.seen if (method is None or s.method == method) and contains in s.path
+        ]
+
+    # Serving.
+
+    def render(self, request: Request) -> bytes:
+        path = request.uri.decode()
+        headers = {
+            k.decode().lower(): v[-1].decode() for k, v in request.requestHeaders.getAllRawHeaders()
+        }
+        self.seen.append(Seen(request.method.decode(), path, headers))
+        for hook in self.hooks:
+            result = hook(request)
+            if result is not None:
+                return result
+        if request.path == b"/token":
+            token = f"token-{len(self.tokens_issued)}"
+            self.tokens_issued.append(token)
+            return _json(request, 200, {"token": token, "expires_in": self.token_lifetime})
+        match = re.fullmatch(r"/v2/(.+)/(manifests|blobs)/([^/]+)", request.path.decode())
+        if match is None:
+            tags = re.fullmatch(r"/v2/(.+)/tags/list", request.path.decode())
+            if tags is not None:
+                names = sorted(t for (r, t) in self.tags if r == tags[1])
+                return _json(request, 200, {"name": tags[1], "tags": names})
+            return _json(request, 404, {"errors": [{"code": "NOT_FOUND", "message": "no"}]})
+        name, kind, ref = match.groups()
+        if self.require_token and not self._authorized(request):
+            request.setHeader(
+                b"WWW-Authenticate",
+                f'Bearer realm="http://auth.fake/token",service="fake",scope="repository:{name}:pull"'.encode(),
+            )
+            return _json(
+                request,
+                401,
+                {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]},
+            )
+        if kind == "blobs":
+            blob = self.blobs.get(ref)
+            if blob is None:
+                return _json(
+                    request,
+                    404,
+                    {"errors": [{"code": "BLOB_UNKNOWN", "message": "blob unknown to registry"}]},
+                )
+            request.setHeader(b"Content-Type", b"application/octet-stream")
+            request.setHeader(b"Docker-Content-Digest", ref.encode())
+            return blob
+        digest = (
+            ref if ":" in ref else self._resolve(name, ref, request.getHeader(b"accept") or b"")
+        )
+        if digest is None or digest not in self.manifests:
+            return _json(
+                request,
+                404,
+                {"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]},
+            )
+        media_type, body = self.manifests[digest]
+        request.setHeader(b"Content-Type", media_type.encode())
+        request.setHeader(b"Docker-Content-Digest", digest.encode())
+        return body
+
+    def _resolve(self, name: str, tag: str, accept: bytes) -> str | None:
+        by_type = self.tags.get((name, tag), {})
+        for media_type, digest in by_type.items():
+            if media_type.encode() in accept:
+                return digest
+        return next(iter(by_type.values()), None)
+
+    def _authorized(self, request: Request) -> bool:
+        auth = (request.getHeader(b"authorization") or b"").decode()
+        return auth.startswith("Bearer ") and auth[len("Bearer ") :] in self.tokens_issued
+
+
+def _json(request: Request, code: int, document: Any) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(document).encode()
+
+
+@dataclass
+class Response:
+    """What a client received, parsed from the raw bytes."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    complete: bool
+    aborted: bool
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def parse_response(raw: bytes, head: bool = False) -> tuple[int, dict[str, str], bytes, bool]:
+    """Parse one HTTP/1.1 response; return status, headers, body and completeness."""
+    header_end = raw.index(b"\r\n\r\n")
+    lines = raw[:header_end].decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    rest = raw[header_end + 4 :]
+    if head or status in (204, 304):
+        return status, headers, b"", True
+    if headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while True:
+            size_end = rest.find(b"\r\n")
+            if size_end < 0:
+                return status, headers, body, False
+            size = int(rest[:size_end], 16)
+            if size == 0:
+                return status, headers, body, True
+            chunk = rest[size_end + 2 : size_end + 2 + size]
+            body += chunk
+            if len(chunk) < size:
+                return status, headers, body, False
+            rest = rest[size_end + 2 + size + 2 :]
+    length = int(headers.get("content-length", "0"))
+    return status, headers, rest[:length], len(rest) >= length
+
+
+class Client:
+    """One client connection to txregistry, over a L{StringTransport}."""
+
+    def __init__(self, site: RegistrySite, pump: Callable[[], None]) -> None:
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        self.channel = site.buildProtocol(self.transport.getPeer())
+        self.channel.makeConnection(self.transport)
+        self._pump = pump
+        self._head = False
+
+    def send(self, method: str, path: str, headers: dict[str, str] | None = None) -> None:
+        lines = [f"{method} {path} HTTP/1.1", "Host: localhost:5050"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        self._head = method == "HEAD"
+        self.channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self._pump()
+
+    def response(self) -> Response:
+        status, headers, body, complete = parse_response(self.transport.value(), self._head)
+        return Response(status, headers, body, complete, bool(self.transport.disconnected))
+
+    def disconnect(self) -> None:
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+
+        self.channel.connectionLost(Failure(ConnectionLost()))
+        self._pump()
+
+
+class MemoryRegistry:
+    """txregistry in front of a L{FakeRegistry}, all in memory."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        upstream: FakeRegistry | None = None,
+        registries: list[RegistryConfig] | None = None,
+        tag_ttl: float = 300.0,
+        size_limit: int = 1 << 30,
+    ) -> None:
+        self.upstream = upstream or FakeRegistry()
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.agent = RequestTraversalAgent(self.upstream)
+        self.registries = registries or [
+            RegistryConfig(
+                "docker.io", (MirrorConfig("https://registry-1.docker.io"),), default=True
+            )
+        ]
+        self.store = CacheStore(tmp_path / "cache", size_limit, run_now)
+        self.store.open()
+        self.cache_config = CacheConfig(tmp_path / "cache", size_limit, tag_ttl)
+        upstreams = {r.name: Upstream(r, self.agent, self.clock) for r in self.registries}
+        self.cache = PullThroughCache(self.store, upstreams, self.clock, tag_ttl)
+        resource = RegistryResource(
+            Router(self.registries), self.cache, lambda: (200, {"status": "ok"})
+        )
+        self.site = RegistrySite(resource, reactor=MemoryReactorClock())
+
+    def pump(self) -> None:
+        """Move bytes between txregistry and the fake upstream until nothing moves."""
+        for _ in range(100):
+            if not self.agent._pumps:
+                return
+            self.agent.flush()
+
+    def client(self) -> Client:
+        return Client(self.site, self.pump)
+
+    def get(
+        self, path: str, headers: dict[str, str] | None = None, method: str = "GET"
+    ) -> Response:
+        client = self.client()
+        client.send(method, path, headers)
+        return client.response()
+
+    def head(self, path: str, headers: dict[str, str] | None = None) -> Response:
+        return self.get(path, headers, method="HEAD")

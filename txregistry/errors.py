@@ -1,0 +1,107 @@
+"""
+The OCI error responses txregistry sends.
+
+Every failure a client can see is a L{RegistryError}, rendered as the spec's
+error JSON (``{"errors": [{"code", "message", "detail"}]}``), so that docker,
+containerd, podman and skopeo print a useful message instead of a traceback.
+See the spec's "Error Codes" section.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class RegistryError(Exception):
+    """
+    A failure to report to the client with an HTTP status and an OCI code.
+
+    @ivar headers: extra response headers, such as C{Retry-After}.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        detail: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.detail = detail
+        self.headers = dict(headers or {})
+
+    def body(self) -> bytes:
+        """The OCI error JSON for this error."""
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.detail is not None:
+            error["detail"] = self.detail
+        return json.dumps({"errors": [error]}).encode("utf-8")
+
+    def __repr__(self) -> str:
+        return f"RegistryError({self.status}, {self.code!r}, {self.message!r})"
+
+    # The constructors below name the cases of the spec's error table.
+
+    @classmethod
+    def name_invalid(cls, message: str) -> RegistryError:
+        return cls(400, "NAME_INVALID", message)
+
+    @classmethod
+    def tag_invalid(cls, message: str) -> RegistryError:
+        return cls(400, "TAG_INVALID", message)
+
+    @classmethod
+    def digest_invalid(cls, message: str) -> RegistryError:
+        return cls(400, "DIGEST_INVALID", message)
+
+    @classmethod
+    def name_unknown(cls, message: str) -> RegistryError:
+        return cls(404, "NAME_UNKNOWN", message)
+
+    @classmethod
+    def manifest_unknown(cls, message: str) -> RegistryError:
+        return cls(404, "MANIFEST_UNKNOWN", message)
+
+    @classmethod
+    def blob_unknown(cls, message: str) -> RegistryError:
+        return cls(404, "BLOB_UNKNOWN", message)
+
+    @classmethod
+    def unsupported(cls, message: str, status: int = 405) -> RegistryError:
+        return cls(status, "UNSUPPORTED", message)
+
+    @classmethod
+    def not_found(cls, message: str) -> RegistryError:
+        # Not an OCI code: used for paths outside the /v2/ API.
+        return cls(404, "NOT_FOUND", message)
+
+    @classmethod
+    def range_not_satisfiable(cls, size: int) -> RegistryError:
+        return cls(
+            416,
+            "RANGE_INVALID",
+            "requested range not satisfiable",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+
+    @classmethod
+    def upstream_unavailable(cls, registry: str, failures: list[tuple[str, str]]) -> RegistryError:
+        """
+        A 502 that says which upstream failed and why, so that the person
+        at the client can tell a DNS problem from a refused connection.
+        """
+        reasons = "; ".join(f"{mirror}: {reason}" for mirror, reason in failures)
+        return cls(
+            502,
+            "UNAVAILABLE",
+            f"upstream registry {registry} is unavailable: {reasons}",
+            detail={
+                "registry": registry,
+                "mirrors": [{"mirror": mirror, "error": reason} for mirror, reason in failures],
+            },
+        )

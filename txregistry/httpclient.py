@@ -1,0 +1,82 @@
+"""
+Small helpers for reading upstream HTTP responses.
+
+treq's C{collect} and C{content} have no size limit, and an upstream that
+sends an endless "manifest" or token must not exhaust memory, so bodies that
+are read whole go through L{read_body} with a limit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IResponse
+
+
+class BodyTooLarge(Exception):
+    """An upstream response body was larger than we are willing to hold."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"response body larger than {limit} bytes")
+        self.limit = limit
+
+
+class _BoundedBodyReader(Protocol):
+    """Collects a response body, aborting the connection past C{limit} bytes."""
+
+    def __init__(self, finished: Deferred[bytes], limit: int) -> None:
+        self._finished = finished
+        self._limit = limit
+        self._chunks: list[bytes] = []
+        self._length = 0
+        self._overflowed = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._overflowed:
+            return
+        self._length += len(data)
+        if self._length > self._limit:
+            self._overflowed = True
+            self._chunks = []
+            self._finished.errback(BodyTooLarge(self._limit))
+            # Nothing more is wanted from this connection.
+            self.transport.stopProducing()  # type: ignore[union-attr]
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._overflowed:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._finished.callback(b"".join(self._chunks))
+        else:
+            self._finished.errback(reason)
+
+
+def read_body(response: IResponse, limit: int) -> Deferred[bytes]:
+    """Read a whole response body of at most C{limit} bytes."""
+    finished: Deferred[bytes] = Deferred()
+    response.deliverBody(_BoundedBodyReader(finished, limit))
+    return finished
+
+
+def discard_body(response: IResponse, limit: int = 1 << 16) -> None:
+    """
+    Drop a response body we do not need.  A short one is read to the end, so
+    that the connection can go back to the pool; a long one is cut off.
+    """
+    read_body(response, limit).addErrback(lambda _: None)
+
+
+def header(response: IResponse, name: str) -> str | None:
+    """The last value of a response header, decoded, or L{None}."""
+    values = response.headers.getRawHeaders(name)
+    if not values:
+        return None
+    value: Any = values[-1]
+    return value.decode("latin-1") if isinstance(value, bytes) else str(value)

@@ -1,0 +1,301 @@
+"""
+The HTTP face of txregistry: the OCI distribution pull API and C{/health}.
+
+One leaf resource parses every request (repository names contain slashes,
+so Twisted's child-by-segment lookup does not fit), asks the
+L{PullThroughCache} for an answer, and writes it.  Every failure becomes the
+OCI error JSON; no traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any, cast
+from urllib.parse import urlencode
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ITCPTransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from txregistry.errors import RegistryError
+from txregistry.fill import StreamThrough
+from txregistry.proxy import (
+    BlobAnswer,
+    BlobFilling,
+    BlobHead,
+    BlobHit,
+    BlobStream,
+    ManifestAnswer,
+    PullThroughCache,
+)
+from txregistry.routing import Kind, Route, Router, push_unsupported
+from txregistry.sender import CompleteFile, FileSender, abort_connection
+
+_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+_READ_METHODS = (b"GET", b"HEAD")
+# Query parameters passed on to the upstream for tags/list and referrers.
+_PASSED_PARAMS = {Kind.TAGS: ("n", "last"), Kind.REFERRERS: ("artifactType",)}
+
+
+def parse_range(header: bytes | None, size: int) -> tuple[int, int] | None:
+    """
+    The byte range C{[start, end)} a single-range C{Range} header asks for,
+    or L{None} to send the whole blob (no header, several ranges, or one we
+    cannot parse, which RFC 9110 section 14.2 lets a server ignore).
+
+    @raise RegistryError: 416, if the range starts past the end.
+    """
+    if header is None:
+        return None
+    match = _RANGE_RE.fullmatch(header.decode("latin-1").strip())
+    if match is None:
+        return None
+    first, last = match.groups()
+    if not first:
+        if not last:
+            return None
+        suffix = int(last)
+        if suffix == 0:
+            raise RegistryError.range_not_satisfiable(size)
+        return max(0, size - suffix), size
+    start = int(first)
+    end = size if not last else int(last) + 1
+    if end <= start:
+        return None
+    if start >= size:
+        raise RegistryError.range_not_satisfiable(size)
+    return start, min(end, size)
+
+
+class _Exchange:
+    """One request, and whether its client is still there."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.gone = False
+        request.notifyFinish().addErrback(self._lost)
+
+    def _lost(self, _: Failure) -> None:
+        self.gone = True
+
+    @property
+    def head(self) -> bool:
+        return self.request.method == b"HEAD"
+
+    def set(self, name: str, value: str | int) -> None:
+        self.request.responseHeaders.setRawHeaders(name, [str(value).encode("latin-1")])
+
+    def finish(self, body: bytes = b"") -> None:
+        if self.gone:
+            return
+        if body:
+            self.request.write(body)
+        self.request.finish()
+
+
+class RegistryResource(Resource):
+    """The whole HTTP API: C{/v2/...} and C{/health}."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(
+        self,
+        router: Router,
+        cache: PullThroughCache,
+        health: Callable[[], tuple[int, dict[str, Any]]],
+    ) -> None:
+        super().__init__()
+        self._router = router
+        self._cache = cache
+        self._health = health
+
+    def render(self, request: Request) -> bytes | int:
+        path = request.path
+        if path == b"/health":
+            code, document = self._health()
+            request.setResponseCode(code)
+            return _json(request, document)
+        request.responseHeaders.setRawHeaders(b"Docker-Distribution-API-Version", [b"registry/2.0"])
+        if request.method not in _READ_METHODS:
+            if path.startswith(b"/v2/"):
+                return _error_now(request, push_unsupported())
+            return _error_now(request, RegistryError.unsupported("only GET and HEAD are served"))
+        if path in (b"/v2", b"/v2/"):
+            return _json(request, {})
+        try:
+            ns = request.args.get(b"ns", [None])[0] if request.args else None
+            route = self._router.route(path, ns)
+        except RegistryError as e:
+            return _error_now(request, e)
+        exchange = _Exchange(request)
+        Deferred.fromCoroutine(self._serve(exchange, route)).addErrback(self._unexpected, exchange)
+        return NOT_DONE_YET
+
+    async def _serve(self, exchange: _Exchange, route: Route) -> None:
+        try:
+            if route.kind is Kind.MANIFEST:
+                accept = b", ".join(exchange.request.requestHeaders.getRawHeaders(b"accept", []))
+                answer = await self._cache.manifest(route, exchange.head, accept)
+                self._send_manifest(exchange, answer)
+            elif route.kind is Kind.BLOB:
+                self._send_blob(exchange, route, await self._cache.blob(route, exchange.head))
+            else:
+                await self._pass_through(exchange, route)
+        except RegistryError as e:
+            _send_error(exchange, e)
+
+    def _send_manifest(self, exchange: _Exchange, answer: ManifestAnswer) -> None:
+        exchange.set("Content-Type", answer.media_type)
+        exchange.set("Content-Length", answer.size)
+        exchange.set("Docker-Content-Digest", answer.digest)
+        exchange.set("ETag", f'"{answer.digest}"')
+        exchange.set("X-Cache", answer.cache)
+        exchange.finish(answer.body or b"")
+
+    def _send_blob(self, exchange: _Exchange, route: Route, answer: BlobAnswer) -> None:
+        request = exchange.request
+        exchange.set("Content-Type", "application/octet-stream")
+        exchange.set("Docker-Content-Digest", str(route.digest))
+        exchange.set("X-Cache", answer.cache)
+        if isinstance(answer, BlobHit):
+            self._send_cached_blob(exchange, answer)
+        elif isinstance(answer, BlobFilling):
+            if answer.fill.expected_size is not None:
+                exchange.set("Content-Length", answer.fill.expected_size)
+            if exchange.head or exchange.gone:
+                exchange.finish()
+            else:
+                FileSender(answer.fill, request).begin()
+        elif isinstance(answer, BlobStream):
+            length = answer.response.content_length
+            if length is not None:
+                exchange.set("Content-Length", length)
+            stream = StreamThrough(request, answer.digest, length)
+            if exchange.gone:
+                stream.stopProducing()
+            answer.response.response.deliverBody(stream)
+        else:
+            assert isinstance(answer, BlobHead)
+            if answer.size is not None:
+                exchange.set("Content-Length", answer.size)
+            exchange.finish()
+
+    def _send_cached_blob(self, exchange: _Exchange, answer: BlobHit) -> None:
+        blob = answer.blob
+        exchange.set("Accept-Ranges", "bytes")
+        try:
+            byte_range = parse_range(exchange.request.getHeader(b"range"), blob.size)
+        except RegistryError as e:
+            blob.file.close()
+            _send_error(exchange, e)
+            return
+        start, end = byte_range or (0, blob.size)
+        if byte_range is not None:
+            exchange.request.setResponseCode(206)
+            exchange.set("Content-Range", f"bytes {start}-{end - 1}/{blob.size}")
+        exchange.set("Content-Length", end - start)
+        if exchange.head or exchange.gone:
+            blob.file.close()
+            exchange.finish()
+            return
+        FileSender(CompleteFile(blob.file, blob.size), exchange.request, start, end).begin()
+
+    async def _pass_through(self, exchange: _Exchange, route: Route) -> None:
+        path = (
+            f"{route.kind.value}/list" if route.kind is Kind.TAGS else f"referrers/{route.digest}"
+        )
+        args = exchange.request.args or {}
+        query = [
+            (name, value.decode("utf-8", "replace"))
+            for name in _PASSED_PARAMS[route.kind]
+            for value in args.get(name.encode("ascii"), [])
+        ]
+        if query:
+            path += "?" + urlencode(query)
+        answer = await self._cache.passthrough(route, path)
+        for name, value in answer.headers.items():
+            if name == "Link" and route.prefix and value.startswith("</v2/"):
+                # Keep the client on the path-prefixed route it used.
+                value = f"</v2/{route.prefix}/" + value[len("</v2/") :]
+            exchange.set(name, value)
+        exchange.request.setResponseCode(answer.code)
+        exchange.set("Content-Length", len(answer.body))
+        exchange.finish(answer.body)
+
+    def _unexpected(self, failure: Failure, exchange: _Exchange) -> None:
+        self.log.failure(
+            "Unexpected error serving {method} {path}",
+            failure,
+            method=exchange.request.method.decode("ascii", "replace"),
+            path=exchange.request.path.decode("ascii", "replace")[:300],
+        )
+        _send_error(
+            exchange,
+            RegistryError(500, "UNKNOWN", "internal error in txregistry; its log has the details"),
+        )
+
+
+class RegistryChannel(HTTPChannel):
+    """
+    An HTTP connection that turns away a TLS handshake at once.
+
+    Clients told that a registry is "insecure" (docker, containerd, podman,
+    skopeo) try HTTPS first and fall back to HTTP.  A plain HTTP parser would
+    wait for a line end that a TLS ClientHello never sends, and each client
+    would stall until its handshake timeout (10 seconds in Go).  Closing the
+    connection makes them fall back immediately.
+    """
+
+    _TLS_HANDSHAKE_RECORD = 0x16  # RFC 8446 section 5.1; no HTTP method starts so
+
+    _first_data = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._first_data and data:
+            self._first_data = False
+            if data[0] == self._TLS_HANDSHAKE_RECORD:
+                assert self.transport is not None
+                cast(ITCPTransport, self.transport).abortConnection()
+                return
+        super().dataReceived(data)
+
+
+class RegistrySite(Site):
+    """The HTTP server for L{RegistryResource}."""
+
+    # A plain HTTPChannel, which is what Twisted's HTTPFactory used before it
+    # grew HTTP/2 switching; txregistry speaks HTTP/1.1 only.
+    protocol = RegistryChannel  # type: ignore[assignment]
+
+
+def _json(request: Request, document: Any) -> bytes:
+    request.responseHeaders.setRawHeaders(b"Content-Type", [b"application/json"])
+    return json.dumps(document).encode("utf-8")
+
+
+def _error_now(request: Request, error: RegistryError) -> bytes:
+    request.setResponseCode(error.status)
+    for name, value in error.headers.items():
+        request.responseHeaders.setRawHeaders(name, [value.encode("latin-1")])
+    request.responseHeaders.setRawHeaders(b"Content-Type", [b"application/json"])
+    return error.body()
+
+
+def _send_error(exchange: _Exchange, error: RegistryError) -> None:
+    request = exchange.request
+    if exchange.gone:
+        return
+    if request.startedWriting:
+        # Too late for a status: cut the response short instead.
+        abort_connection(request)
+        return
+    body = _error_now(request, error)
+    request.responseHeaders.setRawHeaders(b"Content-Length", [str(len(body)).encode("ascii")])
+    exchange.finish(body)

@@ -1,0 +1,182 @@
+"""
+Sending a file to an HTTP client, as fast as the client takes it.
+
+One producer, L{FileSender}, serves both a finished file from the cache and
+a download still in progress (a L{txregistry.fill.BlobFill}): it reads with
+C{pread} from the source's file descriptor, up to what the source says may
+be sent, and waits when it catches up.  A slow client therefore costs a file
+offset, not memory, and never slows the download or other clients.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import IO, Protocol, cast
+
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+from zope.interface import implementer
+
+# How much is read from disk and written to the transport at a time.
+CHUNK_SIZE = 1 << 16
+
+
+class ByteSource(Protocol):
+    """A file that L{FileSender}s read, which may still be growing."""
+
+    def fileno(self) -> int: ...
+
+    def available(self) -> int:
+        """How many bytes, from the start of the file, may be sent now."""
+
+    def is_complete(self) -> bool:
+        """Whether L{available} is the whole file and will not grow."""
+
+    def failure(self) -> Failure | None:
+        """Why the file will never be complete, if it won't."""
+
+    def attach(self, sender: FileSender) -> None: ...
+
+    def detach(self, sender: FileSender) -> None: ...
+
+
+class CompleteFile:
+    """A finished file, such as a blob from the cache; closed after its last reader."""
+
+    def __init__(self, file: IO[bytes], size: int) -> None:
+        self._file = file
+        self._size = size
+        self._readers = 0
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def available(self) -> int:
+        return self._size
+
+    def is_complete(self) -> bool:
+        return True
+
+    def failure(self) -> Failure | None:
+        return None
+
+    def attach(self, sender: FileSender) -> None:
+        self._readers += 1
+
+    def detach(self, sender: FileSender) -> None:
+        self._readers -= 1
+        if self._readers == 0:
+            self._file.close()
+
+
+def abort_connection(request: Request) -> None:
+    """
+    Cut a response short: the client sees a broken connection, not an
+    ending, and knows to retry.  Used once the status line has gone out.
+    """
+    channel = request.channel
+    if channel is not None and channel.transport is not None:
+        cast(ITCPTransport, channel.transport).abortConnection()
+
+
+@implementer(IPushProducer)
+class FileSender:
+    """
+    Writes bytes C{start} to C{end} of a L{ByteSource} into a request, then
+    finishes it.  If the source fails, the client's connection is aborted
+    rather than finished, so that the client knows the response is broken.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, source: ByteSource, request: Request, start: int = 0, end: int | None = None
+    ) -> None:
+        self._source = source
+        self._request = request
+        self._offset = start
+        self._end = end
+        self._paused = False
+        self._done = False
+        self._pumping = False
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    def begin(self) -> None:
+        """Start sending; the response headers must already be set."""
+        self._source.attach(self)
+        self._request.registerProducer(self, True)
+        self.more_data()
+
+    # IPushProducer, driven by the client's transport.
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self.more_data()
+
+    def stopProducing(self) -> None:
+        """The client went away: let go of the source."""
+        self._close()
+
+    # Driven by the source.
+
+    def more_data(self) -> None:
+        """The source has more for us, has completed, or has failed."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            self._pump()
+        finally:
+            self._pumping = False
+
+    def _pump(self) -> None:
+        source = self._source
+        fd = source.fileno() if not self._done else -1
+        while not self._done and not self._paused:
+            limit = source.available()
+            if self._end is not None:
+                limit = min(limit, self._end)
+            if self._offset < limit:
+                data = os.pread(fd, min(CHUNK_SIZE, limit - self._offset), self._offset)
+                if not data:
+                    self._abort(f"file ended early at byte {self._offset}")
+                    return
+                self._offset += len(data)
+                self._request.write(data)
+                continue
+            failure = source.failure()
+            if failure is not None:
+                self._abort(failure.getErrorMessage())
+            elif self._offset == self._end or (
+                source.is_complete() and self._offset == source.available()
+            ):
+                self._finish()
+            return
+
+    def _finish(self) -> None:
+        self._close()
+        self._request.unregisterProducer()
+        self._request.finish()
+
+    def _abort(self, why: str) -> None:
+        self.log.info("aborting response to {client}: {why}", client=self._client(), why=why)
+        self._close()
+        self._request.unregisterProducer()
+        abort_connection(self._request)
+
+    def _close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._source.detach(self)
+
+    def _client(self) -> str:
+        client = self._request.getClientAddress()
+        return str(getattr(client, "host", client))

@@ -1,0 +1,177 @@
+"""
+Assembling txregistry into a Twisted service.
+
+Startup order matters, because a daemon that depends on txregistry must not
+be told it is ready before it can pull:
+
+ 1. C{privilegedStartService}: every listener is bound (before twistd drops
+    privileges, so that a port below 1024 works);
+ 2. C{startService}: the cache is opened;
+ 3. once the reactor runs, C{txregistry ready} is logged.
+
+A failure in 1 stops startup with one line and a non-zero exit; the reactor
+is not running yet, which is the only time twistd can still exit non-zero.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorCore,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from txregistry import __version__
+from txregistry.config import Config
+from txregistry.proxy import PullThroughCache
+from txregistry.resource import RegistryResource, RegistrySite
+from txregistry.routing import Router
+from txregistry.store import CacheStore
+from txregistry.upstream import Upstream
+
+
+class Listener(Service):
+    """One listening endpoint, from one C{[server] listen} description."""
+
+    log = Logger()
+
+    def __init__(
+        self, description: str, endpoint: IStreamServerEndpoint, factory: IProtocolFactory
+    ) -> None:
+        self.description = description
+        self._endpoint = endpoint
+        self._factory = factory
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        if self.port is None:
+            self._listen()
+
+    def _listen(self) -> None:
+        outcome: list[Any] = []
+        self._endpoint.listen(self._factory).addBoth(outcome.append)
+        if not outcome:
+            raise SystemExit(
+                f"txregistry: cannot listen on {self.description}: endpoint did not bind at once"
+            )
+        result = outcome[0]
+        if not IListeningPort.providedBy(result):
+            raise SystemExit(
+                f"txregistry: cannot listen on {self.description}: {result.getErrorMessage()}"
+            )
+        self.port = result
+        self.log.info(
+            "listening on {description} ({address})",
+            description=self.description,
+            address=_address(result),
+        )
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+def _address(port: IListeningPort) -> str:
+    host = port.getHost()
+    if isinstance(host, (IPv4Address, IPv6Address)):
+        return f"{host.host}:{host.port}"
+    return str(host)
+
+
+class RegistryService(MultiService):
+    """The whole of txregistry: cache, upstreams, HTTP API and listeners."""
+
+    log = Logger()
+
+    def __init__(
+        self, config: Config, reactor: Any, endpoints: list[IStreamServerEndpoint]
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self._reactor: IReactorCore = reactor
+        self.threadpool = ThreadPool(minthreads=1, maxthreads=4, name="txregistry-cache")
+        self.store = CacheStore(
+            config.cache.directory,
+            config.cache.size_limit,
+            partial(deferToThreadPool, reactor, self.threadpool),
+        )
+        agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=True))
+        clock: IReactorTime = reactor
+        upstreams = {r.name: Upstream(r, agent, clock) for r in config.registries}
+        self.cache = PullThroughCache(self.store, upstreams, clock, config.cache.tag_ttl)
+        self.site = RegistrySite(
+            RegistryResource(Router(config.registries), self.cache, self.health)
+        )
+        self.listeners = [
+            Listener(description, endpoint, self.site)
+            for description, endpoint in zip(config.server.listen, endpoints, strict=True)
+        ]
+        for listener in self.listeners:
+            listener.setServiceParent(self)
+        self.ready = False
+
+    def privilegedStartService(self) -> None:
+        self.log.info(
+            "txregistry {version} starting with {source}",
+            version=__version__,
+            source=f"config file {self.config.source}"
+            if self.config.source
+            else "built-in defaults",
+        )
+        for registry in self.config.registries:
+            self.log.info(
+                "registry {name}{default}: mirrors {mirrors}",
+                name=registry.name,
+                default=" (default)" if registry.default else "",
+                mirrors=", ".join(m.url for m in registry.mirrors),
+            )
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        self.threadpool.start()
+        self.store.open()
+        if self.store.available:
+            self.log.info("cache open in {directory}", directory=str(self.config.cache.directory))
+        super().startService()
+        self._reactor.callWhenRunning(self._announce_ready)
+
+    def _announce_ready(self) -> None:
+        self.ready = True
+        self.log.info("txregistry ready")
+
+    def stopService(self) -> Any:
+        self.ready = False
+        result = super().stopService()
+        self.threadpool.stop()
+        self.store.close()
+        return result
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """What C{/health} says: 200 once listening with the cache open."""
+        cache: dict[str, Any] = {"directory": str(self.config.cache.directory)}
+        if self.store.available:
+            cache["status"] = "ok"
+        else:
+            cache["status"] = "unavailable"
+            cache["problem"] = self.store.problem
+        status = "ok" if self.store.available else "degraded"
+        return 200, {"status": status, "version": __version__, "cache": cache}

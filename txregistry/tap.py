@@ -1,0 +1,52 @@
+"""
+The C{twistd txregistry} command: its options and its service.
+
+Configuration problems end startup here, with one line naming the key and
+the problem and a non-zero exit, before twistd has started anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from txregistry.config import Config, ConfigError, default_config, load_config
+from txregistry.service import RegistryService
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE]"
+    longdesc = (
+        "A Docker/OCI registry pull-through cache. Without --config it listens on"
+        " 127.0.0.1:5050 and caches Docker Hub (registry-1.docker.io)."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML config file (see etc/txregistry.toml)."],
+    ]
+
+    def postOptions(self) -> None:
+        path = self["config"]
+        try:
+            self.loaded: Config = load_config(path) if path else default_config()
+        except ConfigError as e:
+            raise SystemExit(f"txregistry: config error: {e}") from None
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor
+    config = options.loaded
+    endpoints = []
+    for i, description in enumerate(config.server.listen):
+        try:
+            endpoints.append(serverFromString(reactor, description))
+        except Exception as e:
+            where = f"{config.source}: " if config.source else ""
+            raise SystemExit(
+                f"txregistry: config error: {where}server.listen[{i}]:"
+                f" {description!r} is not a valid endpoint description: {e}"
+            ) from None
+    return RegistryService(config, reactor, endpoints)
