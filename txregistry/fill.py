@@ -51,14 +51,21 @@ class BlobFill:
     """
     One upstream download of one blob into a temporary file.
 
+    The file is reference counted (see L{ByteSource}): the owner that
+    creates the fill and hands it to clients holds the first reference, and
+    takes another for each client it hands it to.
+
     @ivar verified: fires with the blob's size once all of it has arrived
         and matched its digest, or fails with the reason it never will.
     """
 
     log = Logger()
 
-    def __init__(self, digest: Digest, expected_size: int | None, fd: int, path: str) -> None:
+    def __init__(
+        self, digest: Digest, expected_size: int | None, fd: int, path: str, source: str
+    ) -> None:
         self.digest = digest
+        self.source = source
         self.expected_size = expected_size
         self.path = path
         self.received = 0
@@ -68,6 +75,7 @@ class BlobFill:
         self._complete = False
         self._failure: Failure | None = None
         self._senders: set[FileSender] = set()
+        self._references = 1
 
     # ByteSource, for the FileSenders that follow this fill.
 
@@ -85,12 +93,23 @@ class BlobFill:
     def failure(self) -> Failure | None:
         return self._failure
 
-    def attach(self, sender: FileSender) -> None:
+    def subscribe(self, sender: FileSender) -> None:
         self._senders.add(sender)
 
-    def detach(self, sender: FileSender) -> None:
+    def unsubscribe(self, sender: FileSender) -> None:
         self._senders.discard(sender)
-        self._close_if_unused()
+
+    def acquire(self) -> BlobFill:
+        """Take a reference, for someone the fill is handed to."""
+        assert self._fd is not None, "a fill was handed out after its last release"
+        self._references += 1
+        return self
+
+    def release(self) -> None:
+        self._references -= 1
+        if self._references == 0 and self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     @property
     def active(self) -> bool:
@@ -126,7 +145,6 @@ class BlobFill:
             return
         self._complete = True
         self._notify()
-        self._close_if_unused()
         self.verified.callback(self.received)
 
     def fail(self, reason: Failure) -> None:
@@ -142,7 +160,6 @@ class BlobFill:
         )
         self.discard_file()
         self._notify()
-        self._close_if_unused()
         self.verified.errback(reason)
         # Whoever waits on "verified" has been told; the failure is handled.
         self.verified.addErrback(lambda _: None)
@@ -157,11 +174,6 @@ class BlobFill:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-
-    def _close_if_unused(self) -> None:
-        if self._fd is not None and not self.active and not self._senders:
-            os.close(self._fd)
-            self._fd = None
 
 
 class FillFromResponse(Protocol):

@@ -66,13 +66,18 @@ class ManifestAnswer:
 
 @dataclass(frozen=True)
 class BlobHit:
+    """A verified blob from the cache; its receiver must close the file."""
+
     blob: CachedBlob
     cache: str = HIT
 
 
 @dataclass(frozen=True)
 class BlobFilling:
-    """A blob being downloaded, to be followed as it grows."""
+    """
+    A blob being downloaded, to be followed as it grows.  The answer holds a
+    reference to the fill, which its receiver must release.
+    """
 
     fill: BlobFill
     cache: str = MISS
@@ -284,7 +289,7 @@ class PullThroughCache:
     async def _blob(self, route: Route, digest: Digest, head: bool) -> BlobAnswer:
         fill = self._fills.get(digest)
         if fill is not None:
-            return BlobFilling(fill)
+            return BlobFilling(fill.acquire())
         cached = await self.store.open_blob(digest)
         if cached is not None:
             return BlobHit(cached)
@@ -309,13 +314,28 @@ class PullThroughCache:
                 mine.append(response)
             return fill
 
-        fill = await self._fill_starts.run(digest, start)
-        if fill is not None:
-            return BlobFilling(fill)
-        if mine:
-            return BlobStream(mine[0], digest)
-        # We joined a request whose response could not be cached and was
-        # streamed to its own client: we need our own.
+        started = await self._fill_starts.run(digest, start)
+        if started is None:
+            if mine:
+                return BlobStream(mine[0], digest)
+            # We joined a request whose response could not be cached and was
+            # streamed to its own client: we need our own.
+            return BlobStream(await self._get_blob(route, digest), digest)
+        # Follow the download only while it is listed: a listed fill is held
+        # by us, so its file is still open.
+        listed = self._fills.get(digest)
+        if listed is not None:
+            return BlobFilling(listed.acquire())
+        # It ended before we could follow it: a small blob can arrive, and
+        # fail its check, within the call that started it.
+        failure = started.failure()
+        if failure is not None:
+            raise RegistryError.upstream_unavailable(
+                route.registry.name, [(started.source, failure.getErrorMessage())]
+            )
+        cached = await self.store.open_blob(digest)
+        if cached is not None:
+            return BlobHit(cached, MISS)
         return BlobStream(await self._get_blob(route, digest), digest)
 
     async def _get_blob(self, route: Route, digest: Digest) -> UpstreamResponse:
@@ -343,7 +363,7 @@ class PullThroughCache:
         except OSError as e:
             self.log.warn("cannot create a download file: {error}; streaming uncached", error=e)
             return None
-        fill = BlobFill(digest, size, fd, path)
+        fill = BlobFill(digest, size, fd, path, response.mirror)
         self._fills[digest] = fill
         fill.verified.addCallbacks(
             self._commit, self._forget, callbackArgs=(fill,), errbackArgs=(fill,)
@@ -353,7 +373,7 @@ class PullThroughCache:
 
     def _commit(self, size: int, fill: BlobFill) -> None:
         def done(_: object) -> None:
-            self._fills.pop(fill.digest, None)
+            self._forget(None, fill)
 
         def failed(reason: object) -> None:
             self.log.error(
@@ -366,7 +386,9 @@ class PullThroughCache:
         self.store.commit_blob(fill.digest, fill.path, size).addErrback(failed).addBoth(done)
 
     def _forget(self, _: object, fill: BlobFill) -> None:
+        """Stop handing out a finished fill: new requests go to the store."""
         self._fills.pop(fill.digest, None)
+        fill.release()
 
     # Tags lists and referrers, passed through.
 

@@ -65,12 +65,12 @@ def parse_range(header: bytes | None, size: int) -> tuple[int, int] | None:
             raise RegistryError.range_not_satisfiable(size)
         return max(0, size - suffix), size
     start = int(first)
-    end = size if not last else int(last) + 1
-    if end <= start:
+    if last and int(last) < start:
         return None
     if start >= size:
         raise RegistryError.range_not_satisfiable(size)
-    return start, min(end, size)
+    end = size if not last else min(int(last) + 1, size)
+    return start, end
 
 
 class _Exchange:
@@ -170,6 +170,7 @@ class RegistryResource(Resource):
             if answer.fill.expected_size is not None:
                 exchange.set("Content-Length", answer.fill.expected_size)
             if exchange.head or exchange.gone:
+                answer.fill.release()
                 exchange.finish()
             else:
                 FileSender(answer.fill, request).begin()

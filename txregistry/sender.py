@@ -24,7 +24,13 @@ CHUNK_SIZE = 1 << 16
 
 
 class ByteSource(Protocol):
-    """A file that L{FileSender}s read, which may still be growing."""
+    """
+    A file that L{FileSender}s read, which may still be growing.
+
+    It is reference counted: whoever hands a source to someone takes a
+    reference for them, and every holder calls L{release} once.  The file
+    is closed with the last reference.
+    """
 
     def fileno(self) -> int: ...
 
@@ -37,18 +43,21 @@ class ByteSource(Protocol):
     def failure(self) -> Failure | None:
         """Why the file will never be complete, if it won't."""
 
-    def attach(self, sender: FileSender) -> None: ...
+    def subscribe(self, sender: FileSender) -> None:
+        """Call C{sender.more_data()} whenever there is news."""
 
-    def detach(self, sender: FileSender) -> None: ...
+    def unsubscribe(self, sender: FileSender) -> None: ...
+
+    def release(self) -> None:
+        """Drop one reference."""
 
 
 class CompleteFile:
-    """A finished file, such as a blob from the cache; closed after its last reader."""
+    """A finished file, such as a blob from the cache, with one reference."""
 
     def __init__(self, file: IO[bytes], size: int) -> None:
         self._file = file
         self._size = size
-        self._readers = 0
 
     def fileno(self) -> int:
         return self._file.fileno()
@@ -62,13 +71,14 @@ class CompleteFile:
     def failure(self) -> Failure | None:
         return None
 
-    def attach(self, sender: FileSender) -> None:
-        self._readers += 1
+    def subscribe(self, sender: FileSender) -> None:
+        pass
 
-    def detach(self, sender: FileSender) -> None:
-        self._readers -= 1
-        if self._readers == 0:
-            self._file.close()
+    def unsubscribe(self, sender: FileSender) -> None:
+        pass
+
+    def release(self) -> None:
+        self._file.close()
 
 
 def abort_connection(request: Request) -> None:
@@ -87,6 +97,9 @@ class FileSender:
     Writes bytes C{start} to C{end} of a L{ByteSource} into a request, then
     finishes it.  If the source fails, the client's connection is aborted
     rather than finished, so that the client knows the response is broken.
+
+    The sender takes over one reference to the source, and releases it when
+    it is done, whether the response finished or the client went away.
     """
 
     log = Logger()
@@ -108,7 +121,7 @@ class FileSender:
 
     def begin(self) -> None:
         """Start sending; the response headers must already be set."""
-        self._source.attach(self)
+        self._source.subscribe(self)
         self._request.registerProducer(self, True)
         self.more_data()
 
@@ -175,7 +188,8 @@ class FileSender:
     def _close(self) -> None:
         if not self._done:
             self._done = True
-            self._source.detach(self)
+            self._source.unsubscribe(self)
+            self._source.release()
 
     def _client(self) -> str:
         client = self._request.getClientAddress()

@@ -140,6 +140,7 @@ class UpstreamResponse:
 
     mirror: str
     response: IResponse
+    method: bytes = b"GET"
 
     @property
     def code(self) -> int:
@@ -150,6 +151,11 @@ class UpstreamResponse:
 
     @property
     def content_length(self) -> int | None:
+        """The body's length, or the length a GET would have for a HEAD."""
+        if self.method == b"HEAD":
+            # Twisted reports length 0 for every HEAD response.
+            value = self.header("Content-Length")
+            return int(value) if value is not None and value.isdigit() else None
         length = self.response.length
         return length if isinstance(length, int) else None
 
@@ -323,7 +329,7 @@ class Upstream:
     ) -> UpstreamResponse:
         code = response.code
         if 200 <= code < 300:
-            return UpstreamResponse(mirror.url, response)
+            return UpstreamResponse(mirror.url, response, method)
         body = b"" if method == b"HEAD" else await _error_body(response)
         error_code, message = _error_message(body)
         if code == 404:

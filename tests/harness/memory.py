@@ -23,7 +23,7 @@ from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from txregistry.config import CacheConfig, MirrorConfig, RegistryConfig
 from txregistry.proxy import PullThroughCache
@@ -68,8 +68,9 @@ class FakeRegistry(Resource):
     require_token: bool = False
     token_lifetime: int = 300
     tokens_issued: list[str] = field(default_factory=list)
-    # Called first with each request; a non-None result is the response body.
-    hooks: list[Callable[[Request], bytes | None]] = field(default_factory=list)
+    # Called first with each request; a non-None result is the response body,
+    # or NOT_DONE_YET for a response the test writes itself.
+    hooks: list[Callable[[Request], bytes | int | None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         Resource.__init__(self)
@@ -97,7 +98,25 @@ class FakeRegistry(Resource):
 
     # Serving.
 
-    def render(self, request: Request) -> bytes:
+    def hold_blob(self, digest: str) -> list[Request]:
+        """
+        Make GETs of a blob send only their headers: the test writes the
+        body, in whatever pieces it likes, to the requests returned.
+        """
+        held: list[Request] = []
+
+        def hold(request: Request) -> int | None:
+            if request.method == b"GET" and request.path.endswith(f"/blobs/{digest}".encode()):
+                request.setHeader(b"Content-Length", str(len(self.blobs[digest])).encode())
+                request.write(b"")
+                held.append(request)
+                return NOT_DONE_YET
+            return None
+
+        self.hooks.append(hold)
+        return held
+
+    def render(self, request: Request) -> bytes | int:
         path = request.uri.decode()
         headers = {
             k.decode().lower(): v[-1].decode() for k, v in request.requestHeaders.getAllRawHeaders()
@@ -156,8 +175,9 @@ class FakeRegistry(Resource):
 
     def _resolve(self, name: str, tag: str, accept: bytes) -> str | None:
         by_type = self.tags.get((name, tag), {})
-        for media_type, digest in by_type.items():
-            if media_type.encode() in accept:
+        for wanted in accept.decode().split(","):
+            digest = by_type.get(wanted.split(";")[0].strip())
+            if digest is not None:
                 return digest
         return next(iter(by_type.values()), None)
 
@@ -216,11 +236,49 @@ def parse_response(raw: bytes, head: bool = False) -> tuple[int, dict[str, str],
     return status, headers, rest[:length], len(rest) >= length
 
 
+class BufferedTransport(StringTransport):
+    """
+    A client connection with a send buffer: like a TCP transport, it pauses
+    its producer once more than C{limit} bytes wait to be sent, and resumes
+    it when the test L{drain}s them, as a slow client would.
+
+    @ivar peak: the most bytes ever waiting, which is what a slow client
+        costs txregistry in memory.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        self.limit = limit
+        self.delivered = b""
+        self.peak = 0
+        self.paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        waiting = len(self.io.getvalue())
+        self.peak = max(self.peak, waiting)
+        if waiting > self.limit and self.producer is not None and not self.paused:
+            self.paused = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        """The client reads everything that waits."""
+        self.delivered += self.value()
+        self.clear()
+        if self.paused and self.producer is not None:
+            self.paused = False
+            self.producer.resumeProducing()
+
+
 class Client:
     """One client connection to txregistry, over a L{StringTransport}."""
 
-    def __init__(self, site: RegistrySite, pump: Callable[[], None]) -> None:
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    def __init__(
+        self, site: RegistrySite, pump: Callable[[], None], transport: StringTransport | None = None
+    ) -> None:
+        self.transport = transport or StringTransport(
+            peerAddress=IPv4Address("TCP", "127.0.0.1", 40000)
+        )
         self.channel = site.buildProtocol(self.transport.getPeer())
         self.channel.makeConnection(self.transport)
         self._pump = pump
@@ -234,7 +292,8 @@ class Client:
         self._pump()
 
     def response(self) -> Response:
-        status, headers, body, complete = parse_response(self.transport.value(), self._head)
+        raw = getattr(self.transport, "delivered", b"") + self.transport.value()
+        status, headers, body, complete = parse_response(raw, self._head)
         return Response(status, headers, body, complete, bool(self.transport.disconnected))
 
     def disconnect(self) -> None:
@@ -282,8 +341,8 @@ class MemoryRegistry:
                 return
             self.agent.flush()
 
-    def client(self) -> Client:
-        return Client(self.site, self.pump)
+    def client(self, transport: StringTransport | None = None) -> Client:
+        return Client(self.site, self.pump, transport)
 
     def get(
         self, path: str, headers: dict[str, str] | None = None, method: str = "GET"
