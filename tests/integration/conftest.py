@@ -1,0 +1,182 @@
+"""
+Real parts on loopback: distribution registries as upstreams, filled with
+images the tests build and push with skopeo, and txregistry in between.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from harness.images import big_image, small_image, write_layout
+from harness.pki import token_signing_credential
+from harness.processes import Process
+from harness.registry import DistributionRegistry
+from harness.skopeo import Skopeo
+from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+
+from txregistry.config import CacheConfig, Config, RegistryConfig, ServerConfig
+from txregistry.service import RegistryService
+
+HARNESS = Path(__file__).parents[1]
+
+
+@dataclass(frozen=True)
+class Pushed:
+    """An image pushed upstream: where, and the digest of its top manifest."""
+
+    repository: str
+    tag: str
+    digest: str
+
+
+@dataclass
+class Upstream:
+    registry: DistributionRegistry
+    images: dict[str, Pushed] = field(default_factory=dict)
+    token_server: Process | None = None
+
+    @property
+    def url(self) -> str:
+        return self.registry.url
+
+
+def push_images(
+    skopeo: Skopeo, layouts: Path, registry: DistributionRegistry, *creds: str
+) -> dict[str, Pushed]:
+    """Build the test images and push them; return them by short name."""
+    images = {}
+
+    def push(name: str, layout_args: tuple, *options: str) -> None:
+        layout = layouts / name
+        write_layout(layout, "t", *layout_args)
+        digest_file = layouts / f"{name}.digest"
+        skopeo.run(
+            "copy",
+            "--dest-tls-verify=false",
+            *creds,
+            "--digestfile",
+            str(digest_file),
+            *options,
+            f"oci:{layout}:t",
+            f"docker://{registry.host}/library/{name}:v1",
+        )
+        images[name] = Pushed(f"library/{name}", "v1", digest_file.read_text().strip())
+
+    push("small", ([small_image(1)],))
+    push("docker", ([small_image(2)],), "--format", "v2s2")
+    amd64, arm64 = small_image(3), small_image(4)
+    arm64.architecture = "arm64"
+    push("multi", ([amd64, arm64], True), "--all")
+    push("big", ([big_image(64 << 20 | 12345)],))
+    return images
+
+
+@pytest.fixture(scope="session")
+def skopeo(tmp_path_factory) -> Skopeo:
+    return Skopeo(tmp_path_factory.mktemp("skopeo"))
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory, skopeo) -> Iterator[Upstream]:
+    """A plain-HTTP distribution registry holding the test images."""
+    registry = DistributionRegistry(tmp_path_factory.mktemp("upstream")).start()
+    try:
+        yield Upstream(registry, push_images(skopeo, tmp_path_factory.mktemp("layouts"), registry))
+    finally:
+        registry.stop()
+
+
+def start_token_server(directory: Path, *extra: str) -> tuple[Process, str, Path]:
+    signer = token_signing_credential(directory)
+    process = Process(
+        [
+            sys.executable,
+            "-m",
+            "harness.token_server",
+            "--cert",
+            str(signer.cert),
+            "--key",
+            str(signer.key),
+            "--service",
+            "test-registry",
+            "--issuer",
+            "test-issuer",
+            *extra,
+        ],
+        cwd=HARNESS,
+    )
+    port = process.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1)
+    return process, f"http://127.0.0.1:{port}/token", signer.cert
+
+
+@pytest.fixture(scope="session")
+def token_upstream(tmp_path_factory, skopeo) -> Iterator[Upstream]:
+    """A distribution registry with token auth, and its token service."""
+    directory = tmp_path_factory.mktemp("token-upstream")
+    token_server, realm, signer = start_token_server(directory)
+    registry = DistributionRegistry(
+        directory,
+        auth={
+            "token": {
+                "realm": realm,
+                "service": "test-registry",
+                "issuer": "test-issuer",
+                "rootcertbundle": str(signer),
+            }
+        },
+    ).start()
+    try:
+        images = push_images(skopeo, directory / "layouts", registry)
+        yield Upstream(registry, images, token_server)
+    finally:
+        registry.stop()
+        token_server.stop()
+
+
+@dataclass
+class Running:
+    service: RegistryService
+
+    @property
+    def port(self) -> int:
+        return self.service.listeners[0].port.getHost().port
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+
+@pytest.fixture
+def start_txregistry(tmp_path) -> Iterator:
+    """Start txregistry in this process, in front of the given upstreams."""
+    started: list[RegistryService] = []
+
+    def start(
+        *registries: RegistryConfig, tag_ttl: float = 300.0, directory: Path | None = None
+    ) -> Running:
+        config = Config(
+            server=ServerConfig(listen=("tcp:0:interface=127.0.0.1",)),
+            cache=CacheConfig(directory or tmp_path / f"cache{len(started)}", 1 << 30, tag_ttl),
+            registries=registries,
+        )
+        endpoints = [serverFromString(reactor, d) for d in config.server.listen]
+        service = RegistryService(config, reactor, endpoints)
+        service.privilegedStartService()
+        service.startService()
+        started.append(service)
+        return Running(service)
+
+    yield start
+    for service in started:
+        if service.running:
+            pytest_twisted.blockon(service.stopService())
