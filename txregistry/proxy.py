@@ -80,7 +80,12 @@ class BlobFilling:
     """
 
     fill: BlobFill
-    cache: str = MISS
+
+    @property
+    def cache(self) -> str:
+        # A fill that has completed is verified and on our disk, waiting only
+        # to be moved into the store: its bytes no longer come from upstream.
+        return HIT if self.fill.is_complete() else MISS
 
 
 @dataclass(frozen=True)

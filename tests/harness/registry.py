@@ -8,14 +8,18 @@ requests txregistry made: "the second pull downloaded no blob".
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import json
 import re
 import shutil
 import urllib.request
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from harness.processes import Process
 from txregistry.config import MirrorConfig, RegistryConfig
@@ -134,6 +138,33 @@ class DistributionRegistry:
             pass  # 401 from an auth registry is logged all the same
         self.process.wait_for(marker, start)
         return len(self.process.lines)
+
+    def upload_blob(self, repository: str, chunks: Callable[[], Iterator[bytes]]) -> str:
+        """
+        Push one blob straight to the registry (a monolithic upload), from
+        C{chunks()}, which is called twice: once to hash, once to send.
+        Returns its digest.
+        """
+        digest = hashlib.sha256()
+        size = 0
+        for chunk in chunks():
+            digest.update(chunk)
+            size += len(chunk)
+        name = f"sha256:{digest.hexdigest()}"
+        connection = http.client.HTTPConnection("127.0.0.1", self.port)
+        connection.request("POST", f"/v2/{repository}/blobs/uploads/")
+        started = connection.getresponse()
+        started.read()
+        assert started.status == 202, started.status
+        location = urlsplit(started.headers["Location"])
+        separator = "&" if location.query else "?"
+        path = f"{location.path}?{location.query}{separator}digest={name}"
+        connection.request("PUT", path, body=chunks(), headers={"Content-Length": str(size)})
+        done = connection.getresponse()
+        done.read()
+        assert done.status == 201, done.status
+        connection.close()
+        return name
 
     def blob_gets(self, since: int, repository: str | None = None) -> list[str]:
         """The blobs downloaded (GET, 200) since C{since}."""

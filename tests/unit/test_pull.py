@@ -425,6 +425,28 @@ class TestPassThrough:
         registry.get("/v2/alpine/tags/list")
         assert len(registry.upstream.seen) == 2  # never cached
 
+    def test_referrers_with_artifact_type_filter(self, registry):
+        subject = f"sha256:{'c' * 64}"
+        index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
+
+        def referrers(request):
+            if b"/referrers/" not in request.path:
+                return None
+            request.setHeader(b"Content-Type", OCI_INDEX.encode())
+            request.setHeader(b"OCI-Filters-Applied", b"artifactType")
+            return index
+
+        registry.upstream.hooks.append(referrers)
+        response = registry.get(
+            f"/v2/alpine/referrers/{subject}?artifactType=application%2Fvnd.example.sbom"
+        )
+        assert (response.status, response.body) == (200, index)
+        assert response.headers["content-type"] == OCI_INDEX
+        assert response.headers["oci-filters-applied"] == "artifactType"
+        assert registry.upstream.seen[-1].path == (
+            f"/v2/library/alpine/referrers/{subject}?artifactType=application%2Fvnd.example.sbom"
+        )
+
     def test_link_header_keeps_the_path_prefix(self, registry):
         def paged(request):
             request.setHeader(b"Link", b'</v2/library/alpine/tags/list?last=b&n=1>; rel="next"')

@@ -1,0 +1,89 @@
+"""
+Streaming a large blob through a real txregistry process keeps its memory
+flat, cold (downloaded while served) and warm (served from disk).
+"""
+
+import hashlib
+import http.client
+import random
+import signal
+
+import pytest
+from test_twistd import twistd, write_config
+
+pytestmark = pytest.mark.integration
+
+BLOB_SIZE = 256 << 20
+# Peak RSS may grow by this much while the blob streams: buffers of a few
+# chunks, not the blob.  Holding the blob would add BLOB_SIZE.
+ALLOWED_GROWTH = 8 << 20
+
+
+def blob_chunks():
+    rng = random.Random(256)
+    block = rng.randbytes(1 << 20)
+    for i in range(BLOB_SIZE >> 20):
+        # Vary each MiB so that the blob is not one block repeated.
+        yield i.to_bytes(8, "big") + block[8:]
+
+
+def peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def fetch(port: int, path: str) -> tuple[str, int, str]:
+    """GET a blob, reading and hashing it 1 MiB at a time."""
+    connection = http.client.HTTPConnection("127.0.0.1", port)
+    connection.request("GET", path)
+    response = connection.getresponse()
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := response.read(1 << 20):
+        digest.update(chunk)
+        size += len(chunk)
+    cache = response.headers["X-Cache"]
+    connection.close()
+    return "sha256:" + digest.hexdigest(), size, cache
+
+
+def test_memory_stays_flat_while_a_large_blob_streams(tmp_path, upstream):
+    digest = upstream.registry.upload_blob("library/large", blob_chunks)
+    small = upstream.registry.upload_blob("library/large", lambda: iter([b"warm-up"]))
+    config = write_config(
+        tmp_path,
+        f"""
+        [server]
+        listen = ["tcp:0:interface=127.0.0.1"]
+        [cache]
+        directory = "{tmp_path / "cache"}"
+        [[registry]]
+        name = "docker.io"
+        mirrors = ["{upstream.url}"]
+        """,
+    )
+    process = twistd(tmp_path, "--config", str(config))
+    try:
+        port = int(process.wait_for(r"\(127\.0\.0\.1:(\d+)\)")[1])
+        process.wait_for("txregistry ready")
+        pid = process.popen.pid
+        # Exercise every code path once, so that what follows measures
+        # streaming, not first-use allocations.
+        for _ in range(2):
+            assert fetch(port, f"/v2/library/large/blobs/{small}")[0] == small
+        baseline = peak_rss(pid)
+
+        assert fetch(port, f"/v2/library/large/blobs/{digest}") == (digest, BLOB_SIZE, "MISS")
+        cold = peak_rss(pid)
+        assert fetch(port, f"/v2/library/large/blobs/{digest}") == (digest, BLOB_SIZE, "HIT")
+        warm = peak_rss(pid)
+    finally:
+        process.signal(signal.SIGTERM)
+        process.wait_exit()
+    growth_kib = {"cold": (cold - baseline) >> 10, "warm": (warm - baseline) >> 10}
+    print(f"peak RSS {baseline >> 20} MiB; growth while streaming, KiB: {growth_kib}")
+    assert cold - baseline < ALLOWED_GROWTH, f"cold: +{(cold - baseline) >> 20} MiB"
+    assert warm - baseline < ALLOWED_GROWTH, f"warm: +{(warm - baseline) >> 20} MiB"
