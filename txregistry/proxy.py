@@ -292,16 +292,17 @@ class PullThroughCache:
             raise upstream_error(route, e) from None
 
     async def _blob(self, route: Route, digest: Digest, head: bool) -> BlobAnswer:
-        fill = self._fills.get(digest)
-        if fill is not None:
-            return BlobFilling(fill.acquire())
+        following = self._follow(digest)
+        if following is not None:
+            return following
         cached = await self.store.open_blob(digest)
         if cached is not None:
             return BlobHit(cached)
+        # A download may have started while we looked in the store.
+        following = self._follow(digest)
+        if following is not None:
+            return following
         if head:
-            fill = self._fills.get(digest)
-            if fill is not None and fill.expected_size is not None:
-                return BlobHead(fill.expected_size)
             response = await self.upstream(route).request(
                 b"HEAD", route.repository, f"blobs/{digest}", f"blob {route.describe()}"
             )
@@ -310,9 +311,6 @@ class PullThroughCache:
         mine: list[UpstreamResponse] = []
 
         async def start() -> BlobFill | None:
-            # Another request may have started the fill while we looked.
-            if digest in self._fills:
-                return self._fills[digest]
             response = await self._get_blob(route, digest)
             fill = self._start_fill(digest, response)
             if fill is None:
@@ -326,13 +324,11 @@ class PullThroughCache:
             # We joined a request whose response could not be cached and was
             # streamed to its own client: we need our own.
             return BlobStream(await self._get_blob(route, digest), digest)
-        # Follow the download only while it is listed: a listed fill is held
-        # by us, so its file is still open.
-        listed = self._fills.get(digest)
-        if listed is not None:
-            return BlobFilling(listed.acquire())
-        # It ended before we could follow it: a small blob can arrive, and
-        # fail its check, within the call that started it.
+        following = self._follow(digest)
+        if following is not None:
+            return following
+        # The download ended before we could follow it: a small blob can
+        # arrive, and fail its check, within the call that started it.
         failure = started.failure()
         if failure is not None:
             raise RegistryError.upstream_unavailable(
@@ -342,6 +338,14 @@ class PullThroughCache:
         if cached is not None:
             return BlobHit(cached, MISS)
         return BlobStream(await self._get_blob(route, digest), digest)
+
+    def _follow(self, digest: Digest) -> BlobFilling | None:
+        """
+        Follow a download of C{digest} in progress.  Only a listed fill is
+        handed out: we hold it, so its file is still open.
+        """
+        fill = self._fills.get(digest)
+        return None if fill is None else BlobFilling(fill.acquire())
 
     async def _get_blob(self, route: Route, digest: Digest) -> UpstreamResponse:
         return await self.upstream(route).request(
