@@ -9,7 +9,7 @@ import random
 import signal
 
 import pytest
-from test_twistd import twistd, write_config
+from harness.twistd import start_in_front_of
 
 pytestmark = pytest.mark.integration
 
@@ -53,22 +53,8 @@ def fetch(port: int, path: str) -> tuple[str, int, str]:
 def test_memory_stays_flat_while_a_large_blob_streams(tmp_path, upstream):
     digest = upstream.registry.upload_blob("library/large", blob_chunks)
     small = upstream.registry.upload_blob("library/large", lambda: iter([b"warm-up"]))
-    config = write_config(
-        tmp_path,
-        f"""
-        [server]
-        listen = ["tcp:0:interface=127.0.0.1"]
-        [cache]
-        directory = "{tmp_path / "cache"}"
-        [[registry]]
-        name = "docker.io"
-        mirrors = ["{upstream.url}"]
-        """,
-    )
-    process = twistd(tmp_path, "--config", str(config))
+    process, _, port = start_in_front_of(tmp_path, upstream.url)
     try:
-        port = int(process.wait_for(r"\(127\.0\.0\.1:(\d+)\)")[1])
-        process.wait_for("txregistry ready")
         pid = process.popen.pid
         # Exercise every code path once, so that what follows measures
         # streaming, not first-use allocations.

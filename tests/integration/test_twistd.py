@@ -4,63 +4,20 @@ config file, pulled through, and stopped; and the one-line refusals of bad
 configs.
 """
 
-import os
 import signal
 import socket
-import sys
-from pathlib import Path
 
 import pytest
-from harness.processes import Process
 from harness.skopeo import check_pulled
+from harness.twistd import start_in_front_of, twistd, write_config
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).parents[2]
-# The twistd script installed next to this Python, as users run it.
-TWISTD = str(Path(sys.executable).parent / "twistd")
-
-
-def twistd(tmp_path, *args, env=None):
-    environment = {
-        "PATH": os.environ["PATH"],
-        "PYTHONPATH": str(ROOT),
-        "HOME": str(tmp_path),
-        **(env or {}),
-    }
-    return Process(
-        [TWISTD, "-n", "--pidfile=", "txregistry", *args],
-        cwd=tmp_path,
-        env=environment,
-    )
-
-
-def write_config(tmp_path, text):
-    path = tmp_path / "txregistry.toml"
-    path.write_text(text)
-    return path
-
 
 def test_twistd_serves_pulls_from_a_config_file(tmp_path, upstream, skopeo):
-    config = write_config(
-        tmp_path,
-        f"""
-        [server]
-        listen = ["tcp:0:interface=127.0.0.1"]
-        [cache]
-        directory = "{tmp_path / "cache"}"
-        [[registry]]
-        name = "docker.io"
-        mirrors = ["{upstream.url}"]
-        """,
-    )
-    process = twistd(tmp_path, "--config", str(config))
+    process, config, port = start_in_front_of(tmp_path, upstream.url)
     try:
         process.wait_for(f"starting with config file {config}")
-        port = process.wait_for(
-            r"listening on tcp:0:interface=127\.0\.0\.1 \(127\.0\.0\.1:(\d+)\)"
-        )[1]
-        process.wait_for("txregistry ready")
         image = upstream.images["small"]
         skopeo.run(
             "copy",

@@ -232,11 +232,7 @@ class TestBlobs:
 
     def test_miss_streams_before_the_blob_is_complete(self, registry):
         blob = os.urandom(200_000)
-        digest = registry.upstream.add_blob(blob)
-        requests = registry.upstream.hold_blob(digest)
-        client = registry.client()
-        client.send("GET", f"/v2/alpine/blobs/{digest}")
-        (held,) = requests
+        client, held, _ = start_held_pull(registry, blob)
         held.write(blob[:80_000])
         registry.pump()
         partial = client.response()
@@ -250,11 +246,7 @@ class TestBlobs:
 
     def test_corrupt_blob_aborts_the_client_and_is_not_cached(self, registry):
         blob = os.urandom(100_000)
-        digest = registry.upstream.add_blob(blob)
-        requests = registry.upstream.hold_blob(digest)
-        client = registry.client()
-        client.send("GET", f"/v2/alpine/blobs/{digest}")
-        (held,) = requests
+        client, held, digest = start_held_pull(registry, blob)
         held.write(blob[:50_000])
         held.write(blob[50_000:-1] + bytes([blob[-1] ^ 1]))
         held.finish()
@@ -269,11 +261,7 @@ class TestBlobs:
 
     def test_cut_connection_aborts_the_client_and_is_not_cached(self, registry):
         blob = os.urandom(100_000)
-        digest = registry.upstream.add_blob(blob)
-        requests = registry.upstream.hold_blob(digest)
-        client = registry.client()
-        client.send("GET", f"/v2/alpine/blobs/{digest}")
-        (held,) = requests
+        client, held, digest = start_held_pull(registry, blob)
         held.write(blob[:60_000])
         registry.pump()
         held.channel.transport.loseConnection()
@@ -366,6 +354,20 @@ class TestUpstreamErrors:
         response = registry.get(f"/v2/alpine/blobs/sha256:{'1' * 64}")
         assert response.status == 502
         assert "HTTP 503" in response.json()["errors"][0]["message"]
+
+
+def start_held_pull(registry, blob):
+    """
+    Start a client's GET of C{blob} whose upstream response sends only its
+    headers; return the client, the upstream request to write the body to,
+    and the digest.
+    """
+    digest = registry.upstream.add_blob(blob)
+    requests = registry.upstream.hold_blob(digest)
+    client = registry.client()
+    client.send("GET", f"/v2/alpine/blobs/{digest}")
+    (held,) = requests
+    return client, held, digest
 
 
 def _refuse_connection(method, uri, headers=None, bodyProducer=None):
