@@ -10,10 +10,16 @@ https://distribution.github.io/distribution/spec/auth/token/ .
 
 Tokens are reused per realm, service and scope until shortly before their
 C{expires_in} runs out.
+
+Credentials go to the token service as Basic auth, never to the registry as
+a Bearer token's stand-in: Docker Hub's registry API accepts only Bearer
+tokens.  A registry that challenges with C{Basic} gets them directly, which
+L{txregistry.upstream} decides.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -21,13 +27,15 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
-from txregistry.httpclient import read_body
+from txregistry.config import Credentials
+from txregistry.httpclient import describe_failure, read_body
 from txregistry.singleflight import SingleFlight
 
 # The token spec: "When omitted, this defaults to 60 seconds."
@@ -42,7 +50,21 @@ _TOKEN68_RE = re.compile(r"\s*([A-Za-z0-9._~+/-]+=*)\s*(?=,|$)")
 
 
 class AuthError(Exception):
-    """Getting a token failed; the message is safe to log and show."""
+    """
+    Getting a token failed; the message is safe to log and show.
+
+    @ivar status: the token service's HTTP status, if it answered.
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def basic_authorization(credentials: Credentials) -> bytes:
+    """The C{Authorization} header value for Basic auth with C{credentials}."""
+    pair = f"{credentials.username}:{credentials.password.reveal()}".encode()
+    return b"Basic " + base64.b64encode(pair)
 
 
 @dataclass(frozen=True)
@@ -111,9 +133,16 @@ def pull_scope(repository: str) -> str:
 
 @dataclass(frozen=True)
 class TokenKey:
+    """
+    What a token is for.  C{authenticated} tokens are fetched with the
+    registry's credentials; anonymous ones (for digest-only mirrors, or a
+    registry without credentials) without.
+    """
+
     realm: str
     service: str
     scope: str
+    authenticated: bool = False
 
 
 @dataclass
@@ -149,7 +178,7 @@ class TokenCache:
         self._tokens.pop(key, None)
 
 
-def token_key(challenge: Challenge, scope: str) -> TokenKey | None:
+def token_key(challenge: Challenge, scope: str, authenticated: bool = False) -> TokenKey | None:
     """
     The cache key for a Bearer challenge, or L{None} if the challenge has no
     usable realm.  The challenge's own scope wins over the one we guessed.
@@ -161,6 +190,7 @@ def token_key(challenge: Challenge, scope: str) -> TokenKey | None:
         realm=realm,
         service=challenge.params.get("service", ""),
         scope=challenge.params.get("scope", scope),
+        authenticated=authenticated,
     )
 
 
@@ -198,10 +228,20 @@ class TokenFetcher:
 
     log = Logger()
 
-    def __init__(self, agent: IAgent, clock: IReactorTime, registry: str) -> None:
+    def __init__(
+        self,
+        agent: IAgent,
+        clock: IReactorTime,
+        registry: str,
+        credentials: Credentials | None = None,
+        timeout: float = 30.0,
+    ) -> None:
         self._agent = agent
+        self._clock = clock
         self._cache = TokenCache(clock)
         self._registry = registry
+        self._credentials = credentials
+        self._timeout = timeout
         self._fetches: SingleFlight[TokenKey, str] = SingleFlight()
 
     def discard(self, key: TokenKey) -> None:
@@ -216,16 +256,29 @@ class TokenFetcher:
 
     async def _fetch(self, key: TokenKey) -> str:
         headers = Headers({b"User-Agent": [b"txregistry"]})
+        user = ""
+        if key.authenticated and self._credentials is not None:
+            headers.setRawHeaders(b"Authorization", [basic_authorization(self._credentials)])
+            user = f" for user {self._credentials.username}"
+        request = self._agent.request(b"GET", _token_url(key), headers)
         try:
-            response = await self._agent.request(b"GET", _token_url(key), headers)
+            response = await request.addTimeout(self._timeout, self._clock)
+        except defer.TimeoutError:
+            raise AuthError(
+                f"token service {key.realm} sent no answer within {self._timeout:g}s"
+            ) from None
         except Exception as e:
-            raise AuthError(f"token service {key.realm} unreachable: {e}") from None
+            raise AuthError(
+                f"token service {key.realm} unreachable: {describe_failure(e)}"
+            ) from None
         try:
             body = await read_body(response, MAX_TOKEN_RESPONSE)
         except Exception as e:
-            raise AuthError(f"token service {key.realm}: {e}") from None
+            raise AuthError(f"token service {key.realm}: {describe_failure(e)}") from None
         if response.code != 200:
-            raise AuthError(f"token service {key.realm} answered HTTP {response.code}")
+            raise AuthError(
+                f"token service {key.realm} answered HTTP {response.code}{user}", response.code
+            )
         token, expires_in = _parse_token_response(body)
         self._cache.put(key, token, expires_in)
         self.log.debug(

@@ -9,15 +9,18 @@ traceback.  C{etc/txregistry.toml} documents every key.
 
 from __future__ import annotations
 
+import base64
+import ipaddress
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 T = TypeVar("T")
 
@@ -53,11 +56,132 @@ class CacheConfig:
     tag_ttl: float = 300.0
 
 
+class Secret:
+    """
+    A password or token.  Its C{repr} and C{str} never show it, so that no
+    log line, error or dump of the config can.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class ProxyServer:
+    """An HTTP proxy, and the Basic credentials it wants, if any."""
+
+    host: str
+    port: int
+    authorization: Secret | None = None
+
+    @property
+    def display(self) -> str:
+        """The proxy's address, safe to log."""
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """
+    Which upstream requests go through an HTTP proxy.
+
+    @ivar http: the proxy for C{http://} upstreams (absolute-form requests).
+    @ivar https: the proxy for C{https://} upstreams (CONNECT tunnels).
+    @ivar no_proxy: hosts, domains (C{.example.com}) and networks
+        (C{10.0.0.0/8}) reached directly; C{*} means all.
+    """
+
+    http: ProxyServer | None = None
+    https: ProxyServer | None = None
+    no_proxy: tuple[str, ...] = ()
+
+    def for_url(self, scheme: str, host: str) -> ProxyServer | None:
+        proxy = self.https if scheme == "https" else self.http
+        if proxy is None or _bypasses_proxy(host, self.no_proxy):
+            return None
+        return proxy
+
+
+def _bypasses_proxy(host: str, no_proxy: tuple[str, ...]) -> bool:
+    host = host.lower().strip("[]")
+    for entry in no_proxy:
+        entry = entry.lower().strip()
+        if entry == "*":
+            return True
+        try:
+            if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
+                return True
+            continue
+        except ValueError:
+            pass
+        domain = entry.lstrip(".").split(":")[0]
+        if domain and (host == domain or host.endswith("." + domain)):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """
+    How upstreams are reached: the C{[upstream]} table, which a registry can
+    override in part.
+    """
+
+    connect_timeout: float = 5.0
+    response_timeout: float = 30.0
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    backoff_initial: float = 10.0
+    backoff_max: float = 300.0
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """
+    A registry user and password.  C{source} says where the password came
+    from, for logs; the password itself is a L{Secret}.
+    """
+
+    username: str
+    password: Secret
+    source: str
+
+
+ADDRESS_FAMILIES = ("ipv4", "ipv6", "any")
+
+
 @dataclass(frozen=True)
 class MirrorConfig:
-    """One upstream URL of a registry, such as C{https://registry-1.docker.io}."""
+    """
+    One upstream URL of a registry, such as C{https://registry-1.docker.io}.
+
+    @ivar resolve_tags: whether it may be asked what a tag means.  A mirror
+        that may not is asked only for content by digest, which txregistry
+        verifies, so it cannot swap an image behind a tag.  Such a mirror is
+        also never sent the registry's credentials.
+    """
 
     url: str
+    resolve_tags: bool = True
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
 
 
 @dataclass(frozen=True)
@@ -69,12 +193,22 @@ class RegistryConfig:
     @ivar aliases: other names that select the same registry.
     @ivar mirrors: the upstreams to fetch from, in order.
     @ivar default: whether requests that name no registry go here.
+    @ivar address_family: C{"ipv4"}, C{"ipv6"} or C{"any"}: which addresses
+        of upstream hosts are resolved and connected to.
+    @ivar ca_file: CA certificates to trust for the mirrors' TLS, instead of
+        the system's.
+    @ivar insecure: do not verify the mirrors' TLS certificates.
     """
 
     name: str
     mirrors: tuple[MirrorConfig, ...]
     aliases: tuple[str, ...] = ()
     default: bool = False
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    address_family: str = "ipv4"
+    ca_file: Path | None = None
+    insecure: bool = False
+    credentials: Credentials | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -102,6 +236,7 @@ class Config:
     cache: CacheConfig
     registries: tuple[RegistryConfig, ...]
     server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     source: str | None = None
 
     @property
@@ -142,12 +277,9 @@ def builtin_registries() -> tuple[RegistryConfig, ...]:
     )
 
 
-def default_config() -> Config:
+def default_config(environ: Mapping[str, str] = os.environ) -> Config:
     """The configuration of a plain C{twistd -n txregistry}."""
-    return Config(
-        cache=CacheConfig(directory=default_cache_directory()),
-        registries=builtin_registries(),
-    )
+    return parse_config({}, environ=environ)
 
 
 def parse_size(text: object) -> int:
@@ -196,6 +328,55 @@ def normalize_registry_name(text: str) -> str:
     if not name or _HOST_RE.fullmatch(name) is None:
         raise ValueError(f"{text!r} is not a registry host name")
     return name
+
+
+def _proxy_server(text: str) -> ProxyServer:
+    """Parse C{http://[user:password@]host:port}."""
+    parts = urlsplit(text if "://" in text else f"http://{text}")
+    if parts.scheme != "http":
+        raise ValueError(f"proxy {_without_userinfo(text)!r} must be an http:// URL")
+    if not parts.hostname:
+        raise ValueError(f"proxy {_without_userinfo(text)!r} has no host")
+    try:
+        port = parts.port or 80
+    except ValueError:
+        raise ValueError(f"proxy {_without_userinfo(text)!r} has an invalid port") from None
+    authorization = None
+    if parts.username is not None:
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        authorization = Secret("Basic " + base64.b64encode(pair.encode()).decode("ascii"))
+    return ProxyServer(parts.hostname, port, authorization)
+
+
+def _without_userinfo(text: str) -> str:
+    return re.sub(r"//[^@/]*@", "//", text)
+
+
+def proxy_from_environment(environ: Mapping[str, str]) -> ProxyConfig:
+    """
+    The proxy settings of C{HTTPS_PROXY}, C{HTTP_PROXY} and C{NO_PROXY}
+    (lower case wins, as in curl and Python's urllib).
+    """
+
+    def variable(name: str) -> tuple[str, str]:
+        for spelling in (name.lower(), name.upper()):
+            if environ.get(spelling):
+                return spelling, environ[spelling]
+        return name, ""
+
+    def server(name: str) -> ProxyServer | None:
+        spelling, value = variable(name)
+        try:
+            return _proxy_server(value) if value else None
+        except ValueError as e:
+            raise ConfigError(f"${spelling}", str(e)) from None
+
+    no_proxy = variable("no_proxy")[1]
+    return ProxyConfig(
+        http=server("http_proxy"),
+        https=server("https_proxy"),
+        no_proxy=tuple(e.strip() for e in no_proxy.split(",") if e.strip()),
+    )
 
 
 def _mirror_url(text: str) -> str:
@@ -251,6 +432,9 @@ class _Table:
             raise ConfigError(self.where(key), "must be an array of tables ([[...]])")
         return [_Table(item, f"{self.where(key)}[{i}]") for i, item in enumerate(value)]
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._data
+
     def finish(self) -> None:
         unknown = sorted(set(self._data) - self._used)
         if unknown:
@@ -282,7 +466,130 @@ def _listen(value: Any) -> tuple[str, ...]:
     return descriptions
 
 
-def _registry(table: _Table) -> RegistryConfig:
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be longer than zero")
+    return seconds
+
+
+def _address_family(value: Any) -> str:
+    if value not in ADDRESS_FAMILIES:
+        raise ValueError(f"must be one of {', '.join(ADDRESS_FAMILIES)}, not {value!r}")
+    return str(value)
+
+
+def _existing_file(value: Any) -> Path:
+    path = Path(_string(value)).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} is not a readable file")
+    return path
+
+
+def _mirrors(value: Any) -> tuple[MirrorConfig, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of URLs or tables, not {value!r}")
+    mirrors = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            mirrors.append(MirrorConfig(_mirror_url(item)))
+            continue
+        if not isinstance(item, dict):
+            raise ValueError(f"entry {i}: expected a URL or a table, not {item!r}")
+        try:
+            entry = _Table(item, "")
+            url = entry.get("url", lambda v: _mirror_url(_string(v)), "")
+            resolve_tags = entry.get("resolve_tags", _boolean, True)
+            entry.finish()
+        except ConfigError as e:
+            raise ValueError(f"entry {i}: {e.where}: {e.problem}") from None
+        if not url:
+            raise ValueError(f"entry {i} needs a url")
+        mirrors.append(MirrorConfig(url, resolve_tags))
+    return tuple(mirrors)
+
+
+def _upstream(table: _Table, defaults: UpstreamConfig) -> UpstreamConfig:
+    """The keys of C{[upstream]}, or a registry's overrides of them."""
+    proxy = defaults.proxy
+    if "proxy" in table or "no_proxy" in table:
+        server = table.get("proxy", lambda v: _proxy_server(_string(v)) if v else None, proxy.https)
+        no_proxy = table.get("no_proxy", _strings, proxy.no_proxy)
+        if "proxy" in table:
+            proxy = ProxyConfig(http=server, https=server, no_proxy=no_proxy)
+        else:
+            proxy = ProxyConfig(http=proxy.http, https=proxy.https, no_proxy=no_proxy)
+    return UpstreamConfig(
+        connect_timeout=table.get("connect_timeout", _positive_duration, defaults.connect_timeout),
+        response_timeout=table.get(
+            "response_timeout", _positive_duration, defaults.response_timeout
+        ),
+        proxy=proxy,
+        backoff_initial=defaults.backoff_initial,
+        backoff_max=defaults.backoff_max,
+    )
+
+
+def _credentials(table: _Table, environ: Mapping[str, str]) -> Credentials | None:
+    """
+    A registry's user and password: C{username} or C{username_env}, with
+    C{password_file} or C{password_env}.
+    """
+    username = table.get("username", _string, "")
+    username_env = table.get("username_env", _string, "")
+    password_file = table.get("password_file", lambda v: Path(_string(v)).expanduser(), None)
+    password_env = table.get("password_env", _string, "")
+    if username and username_env:
+        raise ConfigError(table.where("username_env"), "give username or username_env, not both")
+    if password_file and password_env:
+        raise ConfigError(
+            table.where("password_env"), "give password_file or password_env, not both"
+        )
+    if username_env:
+        username = environ.get(username_env, "")
+        if not username:
+            raise ConfigError(table.where("username_env"), f"${username_env} is not set")
+    has_password = bool(password_file or password_env)
+    if not username and not has_password:
+        return None
+    if not username:
+        raise ConfigError(table.where("username"), "is required with a password")
+    if not has_password:
+        raise ConfigError(
+            table.where("password_file"), "a username needs password_file or password_env"
+        )
+    if password_env:
+        password = environ.get(password_env, "")
+        if not password:
+            raise ConfigError(table.where("password_env"), f"${password_env} is not set")
+        return Credentials(username, Secret(password), f"${password_env}")
+    assert password_file is not None
+    return Credentials(
+        username, Secret(_read_password_file(table, password_file)), str(password_file)
+    )
+
+
+def _read_password_file(table: _Table, path: Path) -> str:
+    where = table.where("password_file")
+    try:
+        mode = path.stat().st_mode
+        if mode & 0o044:
+            raise ConfigError(
+                where,
+                f"{str(path)!r} is readable by its group or by other users"
+                f" (mode {stat.S_IMODE(mode):04o}): chmod 600 it",
+            )
+        password = path.read_text().rstrip("\r\n")
+    except OSError as e:
+        raise ConfigError(where, f"cannot read {str(path)!r}: {e.strerror or e}") from None
+    if not password:
+        raise ConfigError(where, f"{str(path)!r} is empty")
+    return password
+
+
+def _registry(
+    table: _Table, upstream: UpstreamConfig, environ: Mapping[str, str]
+) -> RegistryConfig:
     name = table.get("name", lambda v: normalize_registry_name(_string(v)), "")
     if not name:
         raise ConfigError(table.where("name"), "is required")
@@ -291,15 +598,25 @@ def _registry(table: _Table) -> RegistryConfig:
         "aliases", lambda v: tuple(normalize_registry_name(a) for a in _strings(v)), no_aliases
     )
     no_mirrors: tuple[MirrorConfig, ...] = ()
-    mirrors = table.get(
-        "mirrors", lambda v: tuple(MirrorConfig(_mirror_url(m)) for m in _strings(v)), no_mirrors
-    )
+    mirrors = table.get("mirrors", _mirrors, no_mirrors)
     if not mirrors:
         raise ConfigError(table.where("mirrors"), "needs at least one upstream URL")
+    if not any(m.resolve_tags for m in mirrors):
+        raise ConfigError(table.where("mirrors"), "needs at least one mirror that can resolve tags")
     names = {name, *aliases}
-    default = table.get("default", _boolean, not DOCKER_HUB_NAMES.isdisjoint(names))
+    registry = RegistryConfig(
+        name=name,
+        aliases=aliases,
+        mirrors=mirrors,
+        default=table.get("default", _boolean, not DOCKER_HUB_NAMES.isdisjoint(names)),
+        upstream=_upstream(table, upstream),
+        address_family=table.get("address_family", _address_family, "ipv4"),
+        ca_file=table.get("ca_file", _existing_file, None),
+        insecure=table.get("insecure", _boolean, False),
+        credentials=_credentials(table, environ),
+    )
     table.finish()
-    return RegistryConfig(name=name, aliases=aliases, mirrors=mirrors, default=default)
+    return registry
 
 
 def _check_registries(registries: list[RegistryConfig], where: str) -> None:
@@ -316,8 +633,13 @@ def _check_registries(registries: list[RegistryConfig], where: str) -> None:
         raise ConfigError(where, f"only one registry can be the default, not {defaults}")
 
 
-def parse_config(data: dict[str, Any], source: str | None = None) -> Config:
-    """Build a L{Config} from parsed TOML, filling in the defaults."""
+def parse_config(
+    data: dict[str, Any], source: str | None = None, environ: Mapping[str, str] = os.environ
+) -> Config:
+    """
+    Build a L{Config} from parsed TOML, filling in the defaults, some of
+    which (proxies, the cache directory, passwords) come from C{environ}.
+    """
     top = _Table(data, "")
 
     server_table = top.table("server")
@@ -326,7 +648,7 @@ def parse_config(data: dict[str, Any], source: str | None = None) -> Config:
 
     cache_table = top.table("cache")
     directory = cache_table.get(
-        "directory", lambda v: Path(_string(v)).expanduser(), default_cache_directory()
+        "directory", lambda v: Path(_string(v)).expanduser(), default_cache_directory(environ)
     )
     cache = CacheConfig(
         directory=directory,
@@ -335,21 +657,36 @@ def parse_config(data: dict[str, Any], source: str | None = None) -> Config:
     )
     cache_table.finish()
 
+    upstream_table = top.table("upstream")
+    defaults = UpstreamConfig(
+        proxy=proxy_from_environment(environ),
+        backoff_initial=upstream_table.get(
+            "backoff_initial", _positive_duration, UpstreamConfig.backoff_initial
+        ),
+        backoff_max=upstream_table.get(
+            "backoff_max", _positive_duration, UpstreamConfig.backoff_max
+        ),
+    )
+    upstream = _upstream(upstream_table, defaults)
+    upstream_table.finish()
+
     registry_tables = top.tables("registry")
     if registry_tables is None:
-        registries = builtin_registries()
+        registries = tuple(replace(r, upstream=upstream) for r in builtin_registries())
     else:
         if not registry_tables:
             raise ConfigError("registry", "needs at least one [[registry]]")
-        parsed = [_registry(table) for table in registry_tables]
+        parsed = [_registry(table, upstream, environ) for table in registry_tables]
         _check_registries(parsed, "registry")
         registries = tuple(parsed)
 
     top.finish()
-    return Config(server=server, cache=cache, registries=registries, source=source)
+    return Config(
+        server=server, cache=cache, registries=registries, upstream=upstream, source=source
+    )
 
 
-def load_config(path: str) -> Config:
+def load_config(path: str, environ: Mapping[str, str] = os.environ) -> Config:
     """Read and validate a config file."""
     try:
         with open(path, "rb") as f:
@@ -359,6 +696,6 @@ def load_config(path: str) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, f"not valid TOML: {e}") from None
     try:
-        return parse_config(data, source=path)
+        return parse_config(data, source=path, environ=environ)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e.where}" if e.where else path, e.problem) from None

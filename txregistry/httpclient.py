@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -80,3 +83,26 @@ def header(response: IResponse, name: str) -> str | None:
         return None
     value: Any = values[-1]
     return value.decode("latin-1") if isinstance(value, bytes) else str(value)
+
+
+def describe_failure(error: BaseException) -> str:
+    """
+    A plain, one-line reason for a failed request, for logs and for the 502
+    a client sees: "connection refused", "no IPv4 address for <host>",
+    "TLS: certificate verify failed".
+    """
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        # ResponseFailed and ResponseNeverReceived wrap the real failures.
+        return "; ".join(describe_failure(reason.value) for reason in reasons)
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, SSL.Error):
+        details = (
+            [part[-1] for part in error.args[0] if isinstance(part, tuple)] if error.args else []
+        )
+        return "TLS: " + ("; ".join(d for d in details if d) or "handshake failed")
+    if isinstance(error, VerificationError):
+        return f"TLS: the certificate does not match the host name ({error})"
+    text = str(error).strip()
+    return text or type(error).__name__

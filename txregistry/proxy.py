@@ -25,18 +25,17 @@ from twisted.logger import Logger
 from txregistry.errors import RegistryError
 from txregistry.fill import BlobFill, FillFromResponse
 from txregistry.httpclient import read_body
+from txregistry.mirrors import (
+    UPSTREAM_ERRORS,
+    UpstreamNotFound,
+    UpstreamRefused,
+    UpstreamUnavailable,
+)
 from txregistry.reference import Digest, Tag
 from txregistry.routing import Route
 from txregistry.singleflight import SingleFlight
 from txregistry.store import CachedBlob, CachedManifest, CacheStore, TagEntry
-from txregistry.upstream import (
-    FetchedManifest,
-    Upstream,
-    UpstreamNotFound,
-    UpstreamRefused,
-    UpstreamResponse,
-    UpstreamUnavailable,
-)
+from txregistry.upstream import FetchedManifest, Upstream, UpstreamResponse
 
 HIT = "HIT"
 MISS = "MISS"
@@ -187,7 +186,7 @@ class PullThroughCache:
                 return await self._manifest_by_digest(route, route.reference, head, accept)
             assert isinstance(route.reference, Tag)
             return await self._manifest_by_tag(route, route.reference, head, accept)
-        except (UpstreamNotFound, UpstreamRefused, UpstreamUnavailable) as e:
+        except UPSTREAM_ERRORS as e:
             raise upstream_error(route, e) from None
 
     async def _manifest_by_digest(
@@ -203,6 +202,7 @@ class PullThroughCache:
                 f"manifests/{digest}",
                 f"manifest {route.describe()}",
                 {b"Accept": accept},
+                by_digest=True,
             )
             return _head_answer(route, response, digest)
         fetched = await self._fetch_manifest(route, str(digest), accept, digest)
@@ -288,7 +288,7 @@ class PullThroughCache:
         digest = route.digest
         try:
             return await self._blob(route, digest, head)
-        except (UpstreamNotFound, UpstreamRefused, UpstreamUnavailable) as e:
+        except UPSTREAM_ERRORS as e:
             raise upstream_error(route, e) from None
 
     async def _blob(self, route: Route, digest: Digest, head: bool) -> BlobAnswer:
@@ -304,7 +304,11 @@ class PullThroughCache:
             return following
         if head:
             response = await self.upstream(route).request(
-                b"HEAD", route.repository, f"blobs/{digest}", f"blob {route.describe()}"
+                b"HEAD",
+                route.repository,
+                f"blobs/{digest}",
+                f"blob {route.describe()}",
+                by_digest=True,
             )
             return BlobHead(response.content_length)
 
@@ -349,7 +353,7 @@ class PullThroughCache:
 
     async def _get_blob(self, route: Route, digest: Digest) -> UpstreamResponse:
         return await self.upstream(route).request(
-            b"GET", route.repository, f"blobs/{digest}", f"blob {route.describe()}"
+            b"GET", route.repository, f"blobs/{digest}", f"blob {route.describe()}", by_digest=True
         )
 
     def _start_fill(self, digest: Digest, response: UpstreamResponse) -> BlobFill | None:
@@ -410,7 +414,7 @@ class PullThroughCache:
             response = await self.upstream(route).request(
                 b"GET", route.repository, path, f"{route.kind.value} of {route.repository}"
             )
-        except (UpstreamNotFound, UpstreamRefused, UpstreamUnavailable) as e:
+        except UPSTREAM_ERRORS as e:
             raise upstream_error(route, e) from None
         try:
             body = await read_body(response.response, PASSTHROUGH_LIMIT)

@@ -21,6 +21,7 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
+    IHostnameResolver,
     IListeningPort,
     IProtocolFactory,
     IReactorCore,
@@ -30,10 +31,11 @@ from twisted.internet.interfaces import (
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent
 
 from txregistry import __version__
-from txregistry.config import Config
+from txregistry.config import Config, RegistryConfig
+from txregistry.endpoints import MirrorTLSPolicy, upstream_agent
 from txregistry.proxy import PullThroughCache
 from txregistry.resource import RegistryResource, RegistrySite
 from txregistry.routing import Router
@@ -103,8 +105,17 @@ class RegistryService(MultiService):
     log = Logger()
 
     def __init__(
-        self, config: Config, reactor: Any, endpoints: list[IStreamServerEndpoint]
+        self,
+        config: Config,
+        reactor: Any,
+        endpoints: list[IStreamServerEndpoint],
+        resolver: IHostnameResolver | None = None,
     ) -> None:
+        """
+        @param resolver: resolves upstream host names; the reactor's own
+            unless a test injects one.
+        @raise ConfigError: for a C{ca_file} that holds no certificate.
+        """
         super().__init__()
         self.config = config
         self._reactor: IReactorCore = reactor
@@ -114,10 +125,13 @@ class RegistryService(MultiService):
             config.cache.size_limit,
             partial(deferToThreadPool, reactor, self.threadpool),
         )
-        agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=True))
         clock: IReactorTime = reactor
-        upstreams = {r.name: Upstream(r, agent, clock) for r in config.registries}
-        self.cache = PullThroughCache(self.store, upstreams, clock, config.cache.tag_ttl)
+        resolver = resolver or reactor.nameResolver
+        self.upstreams = {
+            r.name: Upstream(r, registry_agent(reactor, resolver, r), clock)
+            for r in config.registries
+        }
+        self.cache = PullThroughCache(self.store, self.upstreams, clock, config.cache.tag_ttl)
         self.site = RegistrySite(
             RegistryResource(Router(config.registries), self.cache, self.health)
         )
@@ -138,12 +152,7 @@ class RegistryService(MultiService):
             else "built-in defaults",
         )
         for registry in self.config.registries:
-            self.log.info(
-                "registry {name}{default}: mirrors {mirrors}",
-                name=registry.name,
-                default=" (default)" if registry.default else "",
-                mirrors=", ".join(m.url for m in registry.mirrors),
-            )
+            _log_registry(self.log, registry)
         super().privilegedStartService()
 
     def startService(self) -> None:
@@ -166,7 +175,10 @@ class RegistryService(MultiService):
         return result
 
     def health(self) -> tuple[int, dict[str, Any]]:
-        """What C{/health} says: 200 once listening with the cache open."""
+        """
+        What C{/health} says: 200 once listening with the cache open, the
+        cache's state and each mirror's.  It holds no secrets.
+        """
         cache: dict[str, Any] = {"directory": str(self.config.cache.directory)}
         if self.store.available:
             cache["status"] = "ok"
@@ -174,4 +186,57 @@ class RegistryService(MultiService):
             cache["status"] = "unavailable"
             cache["problem"] = self.store.problem
         status = "ok" if self.store.available else "degraded"
-        return 200, {"status": status, "version": __version__, "cache": cache}
+        registries = {name: upstream.describe() for name, upstream in self.upstreams.items()}
+        return 200, {
+            "status": status,
+            "version": __version__,
+            "cache": cache,
+            "registries": registries,
+        }
+
+
+def registry_agent(reactor: Any, resolver: IHostnameResolver, registry: RegistryConfig) -> IAgent:
+    """The agent for one registry's upstream requests, by its settings."""
+    tls = MirrorTLSPolicy({m.host for m in registry.mirrors}, registry.ca_file, registry.insecure)
+    upstream = registry.upstream
+    return upstream_agent(
+        reactor, resolver, registry.address_family, upstream.connect_timeout, tls, upstream.proxy
+    )
+
+
+def _log_registry(log: Logger, registry: RegistryConfig) -> None:
+    """Say how a registry's upstreams are reached, once, at startup."""
+    mirrors = ", ".join(
+        m.url if m.resolve_tags else f"{m.url} (digest-only)" for m in registry.mirrors
+    )
+    log.info(
+        "registry {name}{default}: mirrors {mirrors}; {family} connections",
+        name=registry.name,
+        default=" (default)" if registry.default else "",
+        mirrors=mirrors,
+        family={"ipv4": "IPv4-only", "ipv6": "IPv6-only", "any": "IPv4 and IPv6"}[
+            registry.address_family
+        ],
+    )
+    if registry.credentials is not None:
+        log.info(
+            "using credentials for registry {name} (user: {user}, password from {source})",
+            name=registry.name,
+            user=registry.credentials.username,
+            source=registry.credentials.source,
+        )
+    if registry.insecure:
+        log.warn(
+            "registry {name}: TLS certificates of its mirrors are NOT verified (insecure = true)",
+            name=registry.name,
+        )
+    proxy = registry.upstream.proxy
+    for scheme, server in (("https", proxy.https), ("http", proxy.http)):
+        if server is not None and any(m.url.startswith(scheme + ":") for m in registry.mirrors):
+            log.info(
+                "registry {name}: {scheme} upstreams through proxy {proxy}{except_}",
+                name=registry.name,
+                scheme=scheme,
+                proxy=server.display,
+                except_=f", except {', '.join(proxy.no_proxy)}" if proxy.no_proxy else "",
+            )

@@ -49,4 +49,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
                 f"txregistry: config error: {where}server.listen[{i}]:"
                 f" {description!r} is not a valid endpoint description: {e}"
             ) from None
-    return RegistryService(config, reactor, endpoints)
+    try:
+        return RegistryService(config, reactor, endpoints)
+    except ConfigError as e:
+        where = f"{config.source}: " if config.source else ""
+        raise SystemExit(f"txregistry: config error: {where}{e}") from None

@@ -2,27 +2,28 @@
 Requests to a registry's upstream mirrors.
 
 L{Upstream} sends one logical request ("the manifest of library/alpine:3.20")
-to a registry's mirrors in order, authenticating as each one asks, and
-reports the outcome as a response to stream or one of three errors:
-
- - L{UpstreamNotFound}: the upstream says the thing does not exist;
- - L{UpstreamRefused}: the upstream said 401, 403 or 429, which the client
-   should see as it is;
- - L{UpstreamUnavailable}: no mirror gave an answer, with each one's reason.
+to a registry's mirrors in the order L{MirrorSet} gives, authenticating as
+each one asks, and reports the outcome as a response to stream, or as one of
+the errors of L{txregistry.mirrors}.
 
 Responses are raw: no content decoding (digests are over the exact bytes),
 no cookies, and redirects to blob storage are followed without carrying the
 C{Authorization} header to another host (Twisted's L{RedirectAgent} strips it
 on cross-origin redirects).
+
+Credentials go only to mirrors that may resolve tags, never to a digest-only
+third-party mirror.  Docker Hub gets them only through its token service:
+Basic auth is never sent to its registry API.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import RedirectAgent
@@ -34,14 +35,15 @@ from txregistry.auth import (
     AuthError,
     Challenge,
     TokenFetcher,
-    TokenKey,
+    basic_authorization,
     parse_www_authenticate,
     pull_scope,
     token_key,
 )
 from txregistry.config import MirrorConfig, RegistryConfig
 from txregistry.errors import RegistryError
-from txregistry.httpclient import BodyTooLarge, discard_body, header, read_body
+from txregistry.httpclient import BodyTooLarge, describe_failure, discard_body, header, read_body
+from txregistry.mirrors import MirrorSet, Outcome, UpstreamRefused, UpstreamUnavailable, conclude
 from txregistry.reference import Digest
 
 T = TypeVar("T")
@@ -51,87 +53,14 @@ USER_AGENT = f"txregistry/{__version__}".encode("ascii")
 # distribution does (maxManifestBodySize).
 MAX_MANIFEST_SIZE = 4 << 20
 MAX_ERROR_BODY = 1 << 16
-_REFUSED_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS"}
 
 
 class _MirrorFailed(Exception):
     """This mirror gave no usable answer; the next one may."""
 
-
-class UpstreamNotFound(Exception):
-    """The upstream says it has no such repository, manifest or blob."""
-
-    def __init__(self, code: str | None, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class UpstreamRefused(Exception):
-    """The upstream refused with 401, 403 or 429; the client should see that."""
-
-    def __init__(self, mirror: str, status: int, message: str, retry_after: str | None) -> None:
-        super().__init__(f"{mirror} answered HTTP {status}: {message}")
-        self.mirror = mirror
-        self.status = status
-        self.message = message
-        self.retry_after = retry_after
-
-    def as_registry_error(self) -> RegistryError:
-        headers = {"Retry-After": self.retry_after} if self.retry_after else {}
-        return RegistryError(
-            self.status,
-            _REFUSED_CODES.get(self.status, "DENIED"),
-            f"upstream {self.mirror} refused the request: {self.message}",
-            headers=headers,
-        )
-
-
-class UpstreamUnavailable(Exception):
-    """No mirror answered; C{failures} holds each mirror and its reason."""
-
-    def __init__(self, registry: str, failures: Sequence[tuple[str, str]]) -> None:
-        super().__init__("; ".join(f"{m}: {r}" for m, r in failures))
-        self.registry = registry
-        self.failures = list(failures)
-
-    def as_registry_error(self) -> RegistryError:
-        return RegistryError.upstream_unavailable(self.registry, self.failures)
-
-
-@dataclass(frozen=True)
-class FetchedManifest:
-    """A manifest's exact bytes, as checked against its digest."""
-
-    mirror: str
-    digest: Digest
-    media_type: str
-    body: bytes
-
-
-def _checked_manifest(
-    response: UpstreamResponse, body: bytes, expected: Digest | None
-) -> FetchedManifest:
-    announced = response.header("Docker-Content-Digest")
-    if expected is None and announced:
-        try:
-            expected = Digest.parse(announced)
-        except RegistryError:
-            raise _MirrorFailed(f"invalid Docker-Content-Digest {announced[:100]!r}") from None
-    digest = Digest.of(body, expected.algorithm if expected else "sha256")
-    if expected is not None and digest != expected:
-        raise _MirrorFailed(f"manifest content has digest {digest}, not {expected}")
-    media_type = response.header("Content-Type") or _declared_media_type(body)
-    return FetchedManifest(response.mirror, digest, media_type, body)
-
-
-def _declared_media_type(body: bytes) -> str:
-    """The C{mediaType} a manifest declares, for upstreams that send no Content-Type."""
-    try:
-        declared = json.loads(body).get("mediaType")
-    except Exception:
-        declared = None
-    return declared if isinstance(declared, str) else "application/vnd.oci.image.manifest.v1+json"
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.reason)
+        self.outcome = outcome
 
 
 @dataclass
@@ -160,6 +89,51 @@ class UpstreamResponse:
         return length if isinstance(length, int) else None
 
 
+@dataclass(frozen=True)
+class FetchedManifest:
+    """A manifest's exact bytes, as checked against its digest."""
+
+    mirror: str
+    digest: Digest
+    media_type: str
+    body: bytes
+
+
+def _checked_manifest(
+    response: UpstreamResponse, body: bytes, expected: Digest | None
+) -> FetchedManifest:
+    """
+    Check a manifest against the digest asked for, or else the one the
+    upstream announced; a mismatch makes the mirror a failed one.
+    """
+    announced = response.header("Docker-Content-Digest")
+    if expected is None and announced:
+        try:
+            expected = Digest.parse(announced)
+        except RegistryError:
+            raise _failed(
+                response.mirror, f"invalid Docker-Content-Digest {announced[:100]!r}"
+            ) from None
+    digest = Digest.of(body, expected.algorithm if expected else "sha256")
+    if expected is not None and digest != expected:
+        raise _failed(response.mirror, f"manifest content has digest {digest}, not {expected}")
+    media_type = response.header("Content-Type") or _declared_media_type(body)
+    return FetchedManifest(response.mirror, digest, media_type, body)
+
+
+def _declared_media_type(body: bytes) -> str:
+    """The C{mediaType} a manifest declares, for upstreams that send no Content-Type."""
+    try:
+        declared = json.loads(body).get("mediaType")
+    except Exception:
+        declared = None
+    return declared if isinstance(declared, str) else "application/vnd.oci.image.manifest.v1+json"
+
+
+def _failed(mirror: str, reason: str) -> _MirrorFailed:
+    return _MirrorFailed(Outcome(mirror, reason))
+
+
 def _error_message(body: bytes) -> tuple[str | None, str]:
     """The code and message of an OCI error body, if it is one."""
     try:
@@ -175,17 +149,22 @@ class Upstream:
     The upstream side of one configured registry.
 
     @param agent: sends the HTTP requests; its endpoints decide how hosts
-        are reached.
+        are reached (see L{txregistry.endpoints}).
     """
 
     log = Logger()
 
     def __init__(self, registry: RegistryConfig, agent: IAgent, clock: IReactorTime) -> None:
         self.registry = registry
+        self.mirrors = MirrorSet(registry, clock)
+        self._clock = clock
+        self._timeout = registry.upstream.response_timeout
         self._agent = RedirectAgent(agent, redirectLimit=5)
-        self._tokens = TokenFetcher(self._agent, clock, registry.name)
-        # The last Bearer challenge of each mirror, so that later requests can
-        # fetch a token before asking instead of after a 401.
+        self._tokens = TokenFetcher(
+            self._agent, clock, registry.name, registry.credentials, self._timeout
+        )
+        # The last challenge of each mirror, so that later requests can
+        # authenticate from the start instead of after a 401.
         self._challenges: dict[str, Challenge] = {}
 
     async def request(
@@ -195,20 +174,24 @@ class Upstream:
         path: str,
         what: str,
         headers: dict[bytes, bytes] | None = None,
+        by_digest: bool = False,
     ) -> UpstreamResponse:
         """
         Ask the mirrors, in order, for C{/v2/<repository>/<path>}.
 
         @param what: says what is asked for, in logs and errors.
+        @param by_digest: whether the content asked for is addressed by a
+            digest that will be checked, so that digest-only mirrors may
+            be asked too.
         @raise UpstreamNotFound: the upstream says it does not exist.
-        @raise UpstreamRefused: the upstream refused (401, 403, 429).
-        @raise UpstreamUnavailable: every mirror failed.
+        @raise UpstreamRefused: every mirror refused (401, 403, 429).
+        @raise UpstreamUnavailable: no mirror gave a usable answer.
         """
 
         async def attempt(mirror: MirrorConfig) -> UpstreamResponse:
             return await self._ask(mirror, method, repository, path, headers or {})
 
-        return await self._across_mirrors(what, attempt)
+        return await self._across_mirrors(what, attempt, by_digest)
 
     async def manifest(
         self,
@@ -232,37 +215,55 @@ class Upstream:
             try:
                 body = await read_body(response.response, MAX_MANIFEST_SIZE)
             except BodyTooLarge:
-                raise _MirrorFailed(f"manifest larger than {MAX_MANIFEST_SIZE} bytes") from None
+                raise _failed(
+                    mirror.url, f"manifest larger than {MAX_MANIFEST_SIZE} bytes"
+                ) from None
             except Exception as e:
-                raise _MirrorFailed(
-                    f"reading the manifest failed: {_describe_failure(e)}"
+                raise _failed(
+                    mirror.url, f"reading the manifest failed: {describe_failure(e)}"
                 ) from None
             return _checked_manifest(response, body, expected)
 
-        return await self._across_mirrors(what, attempt)
+        return await self._across_mirrors(what, attempt, by_digest=expected is not None)
+
+    def describe(self) -> dict[str, Any]:
+        """This registry's upstream state for C{/health}: no secrets."""
+        description: dict[str, Any] = {"mirrors": self.mirrors.describe()}
+        if self.registry.credentials is not None:
+            description["user"] = self.registry.credentials.username
+        return description
 
     async def _across_mirrors(
-        self, what: str, attempt: Callable[[MirrorConfig], Awaitable[T]]
+        self, what: str, attempt: Callable[[MirrorConfig], Awaitable[T]], by_digest: bool
     ) -> T:
-        failures: list[tuple[str, str]] = []
-        for mirror in self.registry.mirrors:
+        outcomes: list[Outcome] = []
+        for state in self.mirrors.to_try(by_digest):
             try:
-                return await attempt(mirror)
+                result = await attempt(state.mirror)
             except _MirrorFailed as e:
+                self.mirrors.record(state, e.outcome)
                 self.log.warn(
                     "Mirror request failed: {mirror} {what}: {reason}",
-                    mirror=mirror.url,
+                    mirror=state.mirror.url,
                     what=what,
-                    reason=str(e),
+                    reason=e.outcome.reason,
                 )
-                failures.append((mirror.url, str(e)))
-        self.log.error(
-            "All mirrors failed for {registry} {what}: {failures}",
-            registry=self.registry.name,
-            what=what,
-            failures="; ".join(f"{m}: {r}" for m, r in failures),
-        )
-        raise UpstreamUnavailable(self.registry.name, failures)
+                outcomes.append(e.outcome)
+                continue
+            self.mirrors.record(state, None)
+            return result
+        error = conclude(self.registry.name, outcomes)
+        if isinstance(error, (UpstreamUnavailable, UpstreamRefused)):
+            self.log.error(
+                "All mirrors failed for {registry} {what}: {failures}",
+                registry=self.registry.name,
+                what=what,
+                failures="; ".join(f"{o.mirror}: {o.reason}" for o in outcomes),
+            )
+        raise error
+
+    def _sends_credentials(self, mirror: MirrorConfig) -> bool:
+        return self.registry.credentials is not None and mirror.resolve_tags
 
     async def _ask(
         self,
@@ -274,55 +275,81 @@ class Upstream:
     ) -> UpstreamResponse:
         url = f"{mirror.url}/v2/{repository}/{path}".encode("ascii")
         scope = pull_scope(repository)
-        key = self._known_token_key(mirror, scope)
-        response = await self._send(method, url, extra_headers, key)
+        challenge = self._challenges.get(mirror.url)
+        authorization = None
+        if challenge is not None:
+            authorization = await self._answer(mirror, challenge, scope, fresh=False)
+        response = await self._send(mirror, method, url, extra_headers, authorization)
         if response.code == 401:
-            # Once with a fresh token: the first time we meet this scope, or
-            # when a cached token was revoked early.
-            challenge = self._bearer_challenge(response)
+            challenge = self._challenge_to_answer(mirror, response)
             if challenge is not None:
+                # Once more, with fresh credentials: the first time we meet
+                # this mirror or scope, or when a cached token was revoked.
                 discard_body(response)
                 self._challenges[mirror.url] = challenge
-                if key is not None:
-                    self._tokens.discard(key)
-                key = token_key(challenge, scope)
-                response = await self._send(method, url, extra_headers, key)
+                authorization = await self._answer(mirror, challenge, scope, fresh=True)
+                response = await self._send(mirror, method, url, extra_headers, authorization)
         return await self._classify(mirror, method, response)
 
-    def _known_token_key(self, mirror: MirrorConfig, scope: str) -> TokenKey | None:
-        challenge = self._challenges.get(mirror.url)
-        return None if challenge is None else token_key(challenge, scope)
-
-    def _bearer_challenge(self, response: IResponse) -> Challenge | None:
+    def _challenge_to_answer(self, mirror: MirrorConfig, response: IResponse) -> Challenge | None:
+        """The challenge of a 401 we can answer: Bearer, else Basic if we may."""
         values = [
             v.decode("latin-1") for v in response.headers.getRawHeaders(b"www-authenticate", [])
         ]
-        for challenge in parse_www_authenticate(values):
+        challenges = parse_www_authenticate(values)
+        for challenge in challenges:
             if challenge.scheme == "bearer" and token_key(challenge, "") is not None:
+                return challenge
+        for challenge in challenges:
+            if (
+                challenge.scheme == "basic"
+                and self._sends_credentials(mirror)
+                and not self.registry.is_docker_hub
+                and self._challenges.get(mirror.url) != challenge
+            ):
                 return challenge
         return None
 
+    async def _answer(
+        self, mirror: MirrorConfig, challenge: Challenge, scope: str, fresh: bool
+    ) -> bytes | None:
+        """The C{Authorization} for a mirror that challenged us so."""
+        if challenge.scheme == "basic":
+            assert self.registry.credentials is not None
+            return basic_authorization(self.registry.credentials)
+        key = token_key(challenge, scope, authenticated=self._sends_credentials(mirror))
+        assert key is not None
+        if fresh:
+            self._tokens.discard(key)
+        try:
+            token = await self._tokens.token(key)
+        except AuthError as e:
+            raise _MirrorFailed(
+                Outcome(mirror.url, str(e), status=e.status, message=str(e))
+            ) from None
+        return b"Bearer " + token.encode("ascii")
+
     async def _send(
         self,
+        mirror: MirrorConfig,
         method: bytes,
         url: bytes,
         extra_headers: dict[bytes, bytes],
-        key: TokenKey | None,
+        authorization: bytes | None,
     ) -> IResponse:
         headers = Headers({b"User-Agent": [USER_AGENT]})
         for name, value in extra_headers.items():
             headers.setRawHeaders(name, [value])
-        if key is not None:
-            try:
-                token = await self._tokens.token(key)
-            except AuthError as e:
-                raise _MirrorFailed(str(e)) from None
-            headers.setRawHeaders(b"Authorization", [b"Bearer " + token.encode("ascii")])
+        if authorization is not None:
+            headers.setRawHeaders(b"Authorization", [authorization])
+        request = self._agent.request(method, url, headers)
         try:
-            response: IResponse = await self._agent.request(method, url, headers)
+            response: IResponse = await request.addTimeout(self._timeout, self._clock)
             return response
+        except defer.TimeoutError:
+            raise _failed(mirror.url, f"no response within {self._timeout:g}s") from None
         except Exception as e:
-            raise _MirrorFailed(_describe_failure(e)) from None
+            raise _failed(mirror.url, describe_failure(e)) from None
 
     async def _classify(
         self, mirror: MirrorConfig, method: bytes, response: IResponse
@@ -332,13 +359,17 @@ class Upstream:
             return UpstreamResponse(mirror.url, response, method)
         body = b"" if method == b"HEAD" else await _error_body(response)
         error_code, message = _error_message(body)
-        if code == 404:
-            raise UpstreamNotFound(error_code, message or "not found")
-        if code in _REFUSED_CODES:
-            raise UpstreamRefused(
-                mirror.url, code, message or f"HTTP {code}", header(response, "Retry-After")
+        reason = f"HTTP {code}" + (f": {message}" if message else "")
+        raise _MirrorFailed(
+            Outcome(
+                mirror.url,
+                reason,
+                status=code,
+                code=error_code,
+                message=message,
+                retry_after=header(response, "Retry-After"),
             )
-        raise _MirrorFailed(f"HTTP {code}" + (f": {message}" if message else ""))
+        )
 
 
 async def _error_body(response: IResponse) -> bytes:
@@ -346,13 +377,3 @@ async def _error_body(response: IResponse) -> bytes:
         return await read_body(response, MAX_ERROR_BODY)
     except Exception:
         return b""
-
-
-def _describe_failure(error: Exception) -> str:
-    """A one-line reason for a failed request, without a traceback."""
-    reasons = getattr(error, "reasons", None)
-    if reasons:
-        # ResponseFailed / ResponseNeverReceived wrap the real failures.
-        return "; ".join(r.getErrorMessage() for r in reasons)
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -6,11 +6,16 @@ from pathlib import Path
 
 import pytest
 
+from txregistry import config as config_module
 from txregistry.config import (
     CacheConfig,
     Config,
     ConfigError,
+    Credentials,
     MirrorConfig,
+    ProxyConfig,
+    ProxyServer,
+    Secret,
     RegistryConfig,
     ServerConfig,
     default_cache_directory,
@@ -30,9 +35,9 @@ def write(tmp_path, text):
     return str(path)
 
 
-def config_error(tmp_path, text):
+def config_error(tmp_path, text, environ=None):
     with pytest.raises(ConfigError) as caught:
-        load_config(write(tmp_path, text))
+        load_config(write(tmp_path, text), environ=environ or {})
     return str(caught.value)
 
 
@@ -55,7 +60,7 @@ def test_full_config(tmp_path):
         mirrors = ["https://ghcr.io"]
         """,
     )
-    assert load_config(path) == Config(
+    assert load_config(path, environ={}) == Config(
         server=ServerConfig(listen=("tcp:5050:interface=127.0.0.1", "tcp6:5051:interface=\\:\\:1")),
         cache=CacheConfig(directory=Path("/srv/cache"), size_limit=int(1.5 * 2**30), tag_ttl=90.0),
         registries=(
@@ -75,12 +80,12 @@ def test_full_config(tmp_path):
 
 
 def test_empty_file_means_builtin_defaults(tmp_path):
-    loaded = load_config(write(tmp_path, ""))
-    assert dataclasses.replace(loaded, source=None) == default_config()
+    loaded = load_config(write(tmp_path, ""), environ={})
+    assert dataclasses.replace(loaded, source=None) == default_config(environ={})
 
 
 def test_builtin_defaults():
-    config = default_config()
+    config = default_config(environ={})
     assert config.server.listen == ("tcp:5050:interface=127.0.0.1",)
     assert config.cache.size_limit == 20 * 2**30 and config.cache.tag_ttl == 300
     (hub,) = config.registries
@@ -92,15 +97,40 @@ def test_builtin_defaults():
     )
 
 
-def test_shipped_config_parses_and_documents_every_key():
+def test_shipped_config_parses_and_documents_every_key(monkeypatch):
     path = ROOT / "etc" / "txregistry.toml"
-    config = load_config(str(path))
+    asked = set()
+    get = config_module._Table.get
+
+    def recording_get(self, key, convert, default):
+        asked.add(key)
+        return get(self, key, convert, default)
+
+    # Every key of the schema is asked for, present or not: that is how
+    # defaults are applied.
+    monkeypatch.setattr(config_module._Table, "get", recording_get)
+    config = load_config(str(path), environ={})
     assert config.default_registry is not None and config.default_registry.name == "docker.io"
+
     text = path.read_text()
     documented = set(re.findall(r"^#?\s*([a-z_]+)\s*=", text, re.MULTILINE))
-    for section in (ServerConfig, CacheConfig, RegistryConfig):
-        for f in dataclasses.fields(section):
-            assert f.name in documented, f"{f.name} is not documented in etc/txregistry.toml"
+    # Keys of mirror tables are documented as a list: "#   url   the ...".
+    documented |= set(re.findall(r"^#\s{3}([a-z_]+)\s{2,}", text, re.MULTILINE))
+    assert asked - documented == set(), "accepted but not documented"
+    assert documented - asked == set(), "documented but not accepted"
+
+
+def test_shipped_failover_list():
+    config = load_config(str(ROOT / "etc" / "txregistry.toml"), environ={})
+    (hub,) = config.registries
+    assert hub.mirrors == (
+        MirrorConfig("https://registry-1.docker.io", resolve_tags=True),
+        MirrorConfig("https://docker.m.daocloud.io", resolve_tags=False),
+        MirrorConfig("https://registry.dockermirror.com", resolve_tags=False),
+    )
+    # Without a config file: registry-1.docker.io alone.
+    (builtin,) = default_config(environ={}).registries
+    assert builtin.mirrors == (MirrorConfig("https://registry-1.docker.io"),)
 
 
 @pytest.mark.parametrize(
@@ -236,3 +266,217 @@ def test_default_cache_directory():
     assert default_cache_directory({"HOME": "/home/u"}, euid=1000) == Path(
         "/home/u/.cache/txregistry"
     )
+
+
+def registry_of(tmp_path, text, environ=None):
+    config = load_config(write(tmp_path, text), environ=environ or {})
+    (registry,) = config.registries
+    return registry
+
+
+HUB = '[[registry]]\nname = "docker.io"\nmirrors = ["https://registry-1.docker.io"]\n'
+
+
+def test_mirror_tables_and_digest_only_mirrors(tmp_path):
+    registry = registry_of(
+        tmp_path,
+        """
+        [[registry]]
+        name = "docker.io"
+        mirrors = ["https://a.example", { url = "https://b.example", resolve_tags = false }]
+        """,
+    )
+    assert registry.mirrors == (
+        MirrorConfig("https://a.example"),
+        MirrorConfig("https://b.example", resolve_tags=False),
+    )
+
+
+@pytest.mark.parametrize(
+    "mirrors, message",
+    [
+        (
+            '[{ url = "https://b.example", resolve_tags = false }]',
+            "at least one mirror that can resolve tags",
+        ),
+        ('[{ url = "https://b.example", trusted = 1 }]', "entry 0: trusted: unknown key"),
+        (
+            '[{ url = "https://b.example", resolve_tags = "no" }]',
+            "entry 0: resolve_tags: expected true or false",
+        ),
+        ("[{ resolve_tags = true }]", "entry 0 needs a url"),
+        ("[5]", "entry 0: expected a URL or a table"),
+    ],
+)
+def test_bad_mirror_entries(tmp_path, mirrors, message):
+    error = config_error(tmp_path, f'[[registry]]\nname = "x.io"\nmirrors = {mirrors}\n')
+    assert "registry[0].mirrors" in error and message in error
+
+
+def test_upstream_timeouts_backoff_and_per_registry_overrides(tmp_path):
+    config = load_config(
+        write(
+            tmp_path,
+            """
+            [upstream]
+            connect_timeout = "2s"
+            response_timeout = "1m"
+            backoff_initial = "1s"
+            backoff_max = "30s"
+            [[registry]]
+            name = "docker.io"
+            mirrors = ["https://registry-1.docker.io"]
+            response_timeout = "10s"
+            [[registry]]
+            name = "ghcr.io"
+            mirrors = ["https://ghcr.io"]
+            """,
+        ),
+        environ={},
+    )
+    hub, ghcr = config.registries
+    assert (hub.upstream.connect_timeout, hub.upstream.response_timeout) == (2.0, 10.0)
+    assert (ghcr.upstream.connect_timeout, ghcr.upstream.response_timeout) == (2.0, 60.0)
+    assert (hub.upstream.backoff_initial, hub.upstream.backoff_max) == (1.0, 30.0)
+    assert "connect_timeout: must be longer than zero" in config_error(
+        tmp_path, "[upstream]\nconnect_timeout = 0\n"
+    )
+
+
+def test_address_family_and_tls_keys(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    registry = registry_of(
+        tmp_path, HUB + f'address_family = "any"\nca_file = "{ca}"\ninsecure = true\n'
+    )
+    assert (registry.address_family, registry.ca_file, registry.insecure) == ("any", ca, True)
+    assert registry_of(tmp_path, HUB).address_family == "ipv4"
+    assert "must be one of ipv4, ipv6, any, not 'ipv5'" in config_error(
+        tmp_path, HUB + 'address_family = "ipv5"\n'
+    )
+    assert "is not a readable file" in config_error(
+        tmp_path, HUB + 'ca_file = "/nonexistent.pem"\n'
+    )
+
+
+def password_file(tmp_path, content="s3cret-password\n", mode=0o600):
+    path = tmp_path / "password"
+    path.write_text(content)
+    path.chmod(mode)
+    return path
+
+
+def test_credentials_from_a_password_file(tmp_path):
+    path = password_file(tmp_path)
+    registry = registry_of(tmp_path, HUB + f'username = "alice"\npassword_file = "{path}"\n')
+    assert registry.credentials == Credentials("alice", Secret("s3cret-password"), str(path))
+    assert registry.credentials.password.reveal() == "s3cret-password"
+
+
+def test_credentials_from_environment_variables(tmp_path):
+    environ = {"HUB_USER": "bob", "HUB_TOKEN": "dckr_pat_xyz"}
+    registry = registry_of(
+        tmp_path, HUB + 'username_env = "HUB_USER"\npassword_env = "HUB_TOKEN"\n', environ
+    )
+    assert registry.credentials == Credentials("bob", Secret("dckr_pat_xyz"), "$HUB_TOKEN")
+
+
+def test_password_file_readable_by_others_is_refused(tmp_path):
+    path = password_file(tmp_path, mode=0o644)
+    error = config_error(tmp_path, HUB + f'username = "alice"\npassword_file = "{path}"\n')
+    assert "registry[0].password_file" in error
+    assert "readable by its group or by other users (mode 0644): chmod 600 it" in error
+    assert "s3cret" not in error
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ('username = "alice"\n', "a username needs password_file or password_env"),
+        ('password_env = "X"\n', "username: is required with a password"),
+        (
+            'username = "a"\nusername_env = "U"\npassword_env = "P"\n',
+            "give username or username_env",
+        ),
+        ('username = "a"\npassword_env = "UNSET"\n', "$UNSET is not set"),
+        ('username = "a"\npassword_file = "/nonexistent"\n', "cannot read '/nonexistent'"),
+    ],
+)
+def test_incomplete_credentials(tmp_path, keys, message):
+    assert message in config_error(tmp_path, HUB + keys)
+
+
+def test_secrets_never_show_in_the_config_repr(tmp_path):
+    path = password_file(tmp_path)
+    config = load_config(
+        write(
+            tmp_path,
+            HUB + f'username = "alice"\npassword_file = "{path}"\n'
+            '[upstream]\nproxy = "http://proxyuser:proxypass@proxy.example:3128"\n',
+        ),
+        environ={},
+    )
+    text = repr(config) + str(config)
+    assert "s3cret" not in text and "proxypass" not in text
+    assert "Secret('***')" in text
+
+
+def test_proxy_from_environment(tmp_path):
+    environ = {
+        "HTTPS_PROXY": "http://upper.example:1",
+        "https_proxy": "http://lower.example:3128",
+        "HTTP_PROXY": "plain.example:8080",
+        "NO_PROXY": "localhost, .internal.example,10.0.0.0/8",
+    }
+    proxy = registry_of(tmp_path, HUB, environ).upstream.proxy
+    assert proxy.https == ProxyServer("lower.example", 3128)
+    assert proxy.http == ProxyServer("plain.example", 8080)
+    assert proxy.no_proxy == ("localhost", ".internal.example", "10.0.0.0/8")
+
+
+def test_configured_proxy_wins_over_environment_and_empty_disables(tmp_path):
+    environ = {"HTTPS_PROXY": "http://env.example:1"}
+    configured = registry_of(
+        tmp_path, '[upstream]\nproxy = "http://cfg.example:3128"\n' + HUB, environ
+    )
+    assert (
+        configured.upstream.proxy.https
+        == configured.upstream.proxy.http
+        == ProxyServer("cfg.example", 3128)
+    )
+    disabled = registry_of(tmp_path, HUB + 'proxy = ""\n', environ)
+    assert disabled.upstream.proxy.https is None
+    assert "$HTTPS_PROXY: proxy 'https://x.example' must be an http:// URL" in config_error(
+        tmp_path, HUB, {"HTTPS_PROXY": "https://x.example"}
+    )
+
+
+def test_proxy_credentials_become_a_basic_authorization_secret(tmp_path):
+    registry = registry_of(tmp_path, HUB + 'proxy = "http://me:p%40ss@proxy.example:3128"\n')
+    server = registry.upstream.proxy.https
+    assert (server.host, server.port, server.display) == (
+        "proxy.example",
+        3128,
+        "http://proxy.example:3128",
+    )
+    assert server.authorization.reveal() == "Basic bWU6cEBzcw=="  # me:p@ss
+
+
+@pytest.mark.parametrize(
+    "host, bypassed",
+    [
+        ("registry-1.docker.io", False),
+        ("localhost", True),
+        ("mirror.internal.example", True),
+        ("internal.example", True),
+        ("notinternal.example", False),
+        ("10.1.2.3", True),
+        ("11.1.2.3", False),
+    ],
+)
+def test_no_proxy_matching(host, bypassed):
+    proxy = ProxyConfig(
+        https=ProxyServer("p", 1), no_proxy=("localhost", ".internal.example", "10.0.0.0/8")
+    )
+    assert (proxy.for_url("https", host) is None) == bypassed
+    assert ProxyConfig(https=ProxyServer("p", 1), no_proxy=("*",)).for_url("https", host) is None

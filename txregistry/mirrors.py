@@ -1,0 +1,186 @@
+"""
+Failover across a registry's mirrors: which to try, in what order, how a
+failing one backs off, and what the client is told when none answers.
+
+A mirror is skipped for the next one when it gives no usable answer: no
+connection, no response in time, HTTP 5xx or 429, a 401 or 403, a 404
+(another mirror may have it), or content that fails its digest check.  The
+client gets 404 only if every mirror that answered said 404, the refusal
+itself if every mirror refused the same way, and otherwise a 502 that lists
+every mirror and why it failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+from txregistry.config import MirrorConfig, RegistryConfig
+from txregistry.errors import RegistryError
+
+_REFUSED_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS"}
+# A mirror backs off only once it has failed this many times in a row.
+FAILURES_BEFORE_BACKOFF = 2
+
+
+class UpstreamNotFound(Exception):
+    """The upstream says it has no such repository, manifest or blob."""
+
+    def __init__(self, code: str | None, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class UpstreamRefused(Exception):
+    """Every mirror refused with the same 401, 403 or 429; the client should see that."""
+
+    def __init__(self, mirror: str, status: int, message: str, retry_after: str | None) -> None:
+        super().__init__(f"{mirror} answered HTTP {status}: {message}")
+        self.mirror = mirror
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+    def as_registry_error(self) -> RegistryError:
+        headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+        return RegistryError(
+            self.status,
+            _REFUSED_CODES[self.status],
+            f"upstream {self.mirror} refused the request: {self.message}",
+            headers=headers,
+        )
+
+
+class UpstreamUnavailable(Exception):
+    """No mirror answered usably; C{failures} holds each mirror and its reason."""
+
+    def __init__(self, registry: str, failures: Sequence[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{m}: {r}" for m, r in failures))
+        self.registry = registry
+        self.failures = list(failures)
+
+    def as_registry_error(self) -> RegistryError:
+        return RegistryError.upstream_unavailable(self.registry, self.failures)
+
+
+UPSTREAM_ERRORS = (UpstreamNotFound, UpstreamRefused, UpstreamUnavailable)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """
+    Why one mirror gave no usable answer.
+
+    @ivar status: the HTTP status it answered with, or L{None} if it gave no
+        answer (no connection, a timeout, bad content).
+    """
+
+    mirror: str
+    reason: str
+    status: int | None = None
+    code: str | None = None
+    message: str = ""
+    retry_after: str | None = None
+
+    @property
+    def counts_as_failure(self) -> bool:
+        """Whether it says the mirror is unwell, rather than that it answered."""
+        return self.status is None or self.status >= 500 or self.status == 429
+
+
+def conclude(registry: str, outcomes: Sequence[Outcome]) -> Exception:
+    """What the client is told when no mirror gave a usable answer."""
+    answered = [o for o in outcomes if o.status is not None]
+    if answered and all(o.status == 404 for o in answered):
+        first = answered[0]
+        return UpstreamNotFound(first.code, first.message or "not found")
+    first = outcomes[0]
+    if first.status in _REFUSED_CODES and all(o.status == first.status for o in outcomes):
+        return UpstreamRefused(
+            first.mirror, first.status, first.message or f"HTTP {first.status}", first.retry_after
+        )
+    return UpstreamUnavailable(registry, [(o.mirror, o.reason) for o in outcomes])
+
+
+class MirrorState:
+    """
+    How one mirror has been doing.  After L{FAILURES_BEFORE_BACKOFF}
+    failures in a row it is skipped for C{initial} seconds, then twice as
+    long after each further failure, up to C{maximum}; any usable answer
+    clears it.
+    """
+
+    def __init__(self, mirror: MirrorConfig, initial: float, maximum: float) -> None:
+        self.mirror = mirror
+        self._initial = initial
+        self._maximum = maximum
+        self.failures = 0
+        self.skip_until = 0.0
+        self.last_error: str | None = None
+
+    def backing_off(self, now: float) -> bool:
+        return now < self.skip_until
+
+    def failed(self, now: float, reason: str) -> None:
+        self.failures += 1
+        self.last_error = reason
+        if self.failures >= FAILURES_BEFORE_BACKOFF:
+            exponent = self.failures - FAILURES_BEFORE_BACKOFF
+            self.skip_until = now + min(self._initial * 2**exponent, self._maximum)
+
+    def answered(self) -> None:
+        self.failures = 0
+        self.skip_until = 0.0
+        self.last_error = None
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """This mirror's state for C{/health}."""
+        state = "backoff" if self.backing_off(now) else ("failing" if self.failures else "ok")
+        description: dict[str, Any] = {
+            "url": self.mirror.url,
+            "resolve_tags": self.mirror.resolve_tags,
+            "state": state,
+            "consecutive_failures": self.failures,
+        }
+        if self.backing_off(now):
+            description["backoff_seconds"] = round(self.skip_until - now, 1)
+        if self.last_error is not None:
+            description["last_error"] = self.last_error
+        return description
+
+
+class MirrorSet:
+    """The mirrors of one registry, and how each has been doing."""
+
+    def __init__(self, registry: RegistryConfig, clock: IReactorTime) -> None:
+        self._clock = clock
+        upstream = registry.upstream
+        self.states = [
+            MirrorState(m, upstream.backoff_initial, upstream.backoff_max) for m in registry.mirrors
+        ]
+
+    def to_try(self, by_digest: bool) -> list[MirrorState]:
+        """
+        The mirrors to ask, in order: only those that may resolve tags
+        unless the request is for content by digest, and of those, the ones
+        not backing off, unless all of them are.
+        """
+        eligible = [s for s in self.states if by_digest or s.mirror.resolve_tags]
+        now = self._clock.seconds()
+        ready = [s for s in eligible if not s.backing_off(now)]
+        return ready or eligible
+
+    def record(self, state: MirrorState, outcome: Outcome | None) -> None:
+        """Note how a mirror did: L{None} for a success."""
+        if outcome is not None and outcome.counts_as_failure:
+            state.failed(self._clock.seconds(), outcome.reason)
+        else:
+            state.answered()
+
+    def describe(self) -> list[dict[str, Any]]:
+        now = self._clock.seconds()
+        return [state.describe(now) for state in self.states]
