@@ -27,15 +27,14 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent
+from twisted.web.iweb import IAgent, IResponse
 
 from txregistry.config import Credentials
-from txregistry.httpclient import describe_failure, read_body
+from txregistry.httpclient import TimedOut, describe_failure, read_body, within
 from txregistry.singleflight import SingleFlight
 
 # The token spec: "When omitted, this defaults to 60 seconds."
@@ -262,8 +261,8 @@ class TokenFetcher:
             user = f" for user {self._credentials.username}"
         request = self._agent.request(b"GET", _token_url(key), headers)
         try:
-            response = await request.addTimeout(self._timeout, self._clock)
-        except defer.TimeoutError:
+            response: IResponse = await within(self._timeout, self._clock, request)
+        except TimedOut:
             raise AuthError(
                 f"token service {key.realm} sent no answer within {self._timeout:g}s"
             ) from None

@@ -27,6 +27,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import (
     ConnectError,
+    ConnectingCancelledError,
     ConnectionRefusedError,
     TCPTimedOutError,
     TimeoutError,
@@ -57,6 +58,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS, IRe
 from zope.interface import implementer
 
 from txregistry.config import ConfigError, ProxyConfig, ProxyServer, Secret
+from txregistry.httpclient import TimedOut, within
 
 _FAMILIES: dict[str, tuple[type[IAddress], ...]] = {
     "ipv4": (IPv4Address,),
@@ -137,16 +139,17 @@ class FamilyEndpoint:
         self._timeout = timeout
 
     def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
-        attempt = Deferred.fromCoroutine(self._connect(factory))
+        return Deferred.fromCoroutine(self._connect_in_time(factory))
 
-        def timed_out(failure: Failure) -> Failure:
-            if failure.check(defer.TimeoutError):
-                raise UpstreamConnectError(
-                    f"no connection to {self._host}:{self._port} within {self._timeout:g}s"
-                )
-            return failure
-
-        return attempt.addTimeout(self._timeout, self._reactor).addErrback(timed_out)
+    async def _connect_in_time(self, factory: IProtocolFactory) -> IProtocol:
+        try:
+            return await within(
+                self._timeout, self._reactor, Deferred.fromCoroutine(self._connect(factory))
+            )
+        except TimedOut:
+            raise UpstreamConnectError(
+                f"no connection to {self._host}:{self._port} within {self._timeout:g}s"
+            ) from None
 
     async def _connect(self, factory: IProtocolFactory) -> IProtocol:
         clock: IReactorTime = self._reactor
@@ -170,7 +173,8 @@ class FamilyEndpoint:
             try:
                 protocol: IProtocol = await endpoint.connect(factory)
                 return protocol
-            except defer.CancelledError:
+            except (defer.CancelledError, ConnectingCancelledError):
+                # We were cancelled, by our timeout or our caller: stop.
                 raise
             except Exception as e:
                 errors.append(f"{address.host}: {_reason(e)}")

@@ -8,17 +8,52 @@ are read whole go through L{read_body} with a limit.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
+
+T = TypeVar("T")
+
+
+class TimedOut(Exception):
+    """No answer came within the time allowed."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no answer within {seconds:g}s")
+        self.seconds = seconds
+
+
+async def within(seconds: float, clock: IReactorTime, request: Deferred[T]) -> T:
+    """
+    Wait for C{request}, cancelling it after C{seconds}.  Raises L{TimedOut}
+    if the time ran out, however the cancelled request chose to fail (an
+    Agent fails with C{ResponseNeverReceived}, wrapping the cancellation).
+    """
+    expired = []
+
+    def expire() -> None:
+        expired.append(True)
+        request.cancel()
+
+    timer = clock.callLater(seconds, expire)
+    try:
+        return await request
+    except Exception:
+        if expired:
+            raise TimedOut(seconds) from None
+        raise
+    finally:
+        if timer.active():
+            timer.cancel()
 
 
 class BodyTooLarge(Exception):

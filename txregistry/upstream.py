@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import RedirectAgent
@@ -42,7 +41,15 @@ from txregistry.auth import (
 )
 from txregistry.config import MirrorConfig, RegistryConfig
 from txregistry.errors import RegistryError
-from txregistry.httpclient import BodyTooLarge, describe_failure, discard_body, header, read_body
+from txregistry.httpclient import (
+    BodyTooLarge,
+    TimedOut,
+    describe_failure,
+    discard_body,
+    header,
+    read_body,
+    within,
+)
 from txregistry.mirrors import MirrorSet, Outcome, UpstreamRefused, UpstreamUnavailable, conclude
 from txregistry.reference import Digest
 
@@ -342,11 +349,12 @@ class Upstream:
             headers.setRawHeaders(name, [value])
         if authorization is not None:
             headers.setRawHeaders(b"Authorization", [authorization])
-        request = self._agent.request(method, url, headers)
         try:
-            response: IResponse = await request.addTimeout(self._timeout, self._clock)
+            response: IResponse = await within(
+                self._timeout, self._clock, self._agent.request(method, url, headers)
+            )
             return response
-        except defer.TimeoutError:
+        except TimedOut:
             raise _failed(mirror.url, f"no response within {self._timeout:g}s") from None
         except Exception as e:
             raise _failed(mirror.url, describe_failure(e)) from None

@@ -10,6 +10,7 @@ run synchronously, against a real diskcache in a temporary directory.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Callable
@@ -19,11 +20,16 @@ from typing import Any
 
 from treq.testing import RequestTraversalAgent
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.web.client import URI
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from txregistry.config import CacheConfig, MirrorConfig, RegistryConfig
 from txregistry.proxy import PullThroughCache
@@ -67,6 +73,11 @@ class FakeRegistry(Resource):
     seen: list[Seen] = field(default_factory=list)
     require_token: bool = False
     token_lifetime: int = 300
+    realm: str = "http://auth.fake/token"
+    # USER:PASSWORD its token service requires as Basic auth, if any.
+    token_credentials: str | None = None
+    # USER:PASSWORD the registry itself requires as Basic auth, if any.
+    require_basic: str | None = None
     tokens_issued: list[str] = field(default_factory=list)
     # Called first with each request; a non-None result is the response body,
     # or NOT_DONE_YET for a response the test writes itself.
@@ -127,6 +138,12 @@ class FakeRegistry(Resource):
             if result is not None:
                 return result
         if request.path == b"/token":
+            if self.token_credentials is not None and not _has_basic(
+                request, self.token_credentials
+            ):
+                return _json(
+                    request, 401, {"errors": [{"code": "UNAUTHORIZED", "message": "bad login"}]}
+                )
             token = f"token-{len(self.tokens_issued)}"
             self.tokens_issued.append(token)
             return _json(request, 200, {"token": token, "expires_in": self.token_lifetime})
@@ -138,11 +155,12 @@ class FakeRegistry(Resource):
                 return _json(request, 200, {"name": tags[1], "tags": names})
             return _json(request, 404, {"errors": [{"code": "NOT_FOUND", "message": "no"}]})
         name, kind, ref = match.groups()
+        if self.require_basic is not None and not _has_basic(request, self.require_basic):
+            request.setHeader(b"WWW-Authenticate", b'Basic realm="fake registry"')
+            return _json(request, 401, {"errors": [{"code": "UNAUTHORIZED", "message": "login"}]})
         if self.require_token and not self._authorized(request):
-            request.setHeader(
-                b"WWW-Authenticate",
-                f'Bearer realm="http://auth.fake/token",service="fake",scope="repository:{name}:pull"'.encode(),
-            )
+            challenge = f'Bearer realm="{self.realm}",service="fake",scope="repository:{name}:pull"'
+            request.setHeader(b"WWW-Authenticate", challenge.encode())
             return _json(
                 request,
                 401,
@@ -184,6 +202,68 @@ class FakeRegistry(Resource):
     def _authorized(self, request: Request) -> bool:
         auth = (request.getHeader(b"authorization") or b"").decode()
         return auth.startswith("Bearer ") and auth[len("Bearer ") :] in self.tokens_issued
+
+
+class FakeNetwork(Resource):
+    """Several fake hosts: each request goes to the resource for its Host header."""
+
+    isLeaf = True
+
+    def __init__(self, hosts: dict[str, Resource], default: Resource | None = None) -> None:
+        super().__init__()
+        self.hosts = hosts
+        self.default = default
+
+    def render(self, request: Request) -> bytes | int:
+        host = (request.getHeader(b"host") or b"").decode().split(":")[0]
+        resource = self.hosts.get(host, self.default)
+        if resource is None:
+            return _json(
+                request, 421, {"errors": [{"code": "UNKNOWN", "message": f"no host {host}"}]}
+            )
+        return resource.render(request)
+
+
+@dataclass
+class Sent:
+    method: str
+    url: str
+    headers: dict[str, str]
+
+
+@implementer(IAgent)
+class FaultyAgent:
+    """
+    Wraps an agent: requests to hosts in C{refused} fail as a refused
+    connection would, those to hosts in C{stalled} never get an answer,
+    and every request is recorded.
+    """
+
+    def __init__(self, agent: IAgent) -> None:
+        self.agent = agent
+        self.refused: set[str] = set()
+        self.stalled: set[str] = set()
+        self.sent: list[Sent] = []
+
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        host = URI.fromBytes(uri).host.decode()
+        recorded = {
+            k.decode().lower(): v[-1].decode() for k, v in (headers or Headers()).getAllRawHeaders()
+        }
+        self.sent.append(Sent(method.decode(), uri.decode(), recorded))
+        if host in self.refused:
+            return fail(ConnectionRefusedError())
+        if host in self.stalled:
+            return Deferred()
+        return self.agent.request(method, uri, headers, bodyProducer)
+
+    def to(self, host: str) -> list[Sent]:
+        return [s for s in self.sent if URI.fromBytes(s.url.encode()).host.decode() == host]
+
+
+def _has_basic(request: Request, user_password: str) -> bool:
+    expected = b"Basic " + base64.b64encode(user_password.encode())
+    return request.getHeader(b"authorization") == expected
 
 
 def _json(request: Request, code: int, document: Any) -> bytes:
@@ -314,11 +394,18 @@ class MemoryRegistry:
         registries: list[RegistryConfig] | None = None,
         tag_ttl: float = 300.0,
         size_limit: int = 1 << 30,
+        hosts: dict[str, Resource] | None = None,
     ) -> None:
+        """
+        @param upstream: answers for every host not in C{hosts}.
+        @param hosts: fake registries (or other resources) by host name.
+        """
         self.upstream = upstream or FakeRegistry()
         self.clock = Clock()
         self.clock.advance(1_000_000)
-        self.agent = RequestTraversalAgent(self.upstream)
+        self.network = FakeNetwork(hosts or {}, self.upstream)
+        self._traversal = RequestTraversalAgent(self.network)
+        self.agent = FaultyAgent(self._traversal)
         self.registries = registries or [
             RegistryConfig(
                 "docker.io", (MirrorConfig("https://registry-1.docker.io"),), default=True
@@ -327,8 +414,8 @@ class MemoryRegistry:
         self.store = CacheStore(tmp_path / "cache", size_limit, run_now)
         self.store.open()
         self.cache_config = CacheConfig(tmp_path / "cache", size_limit, tag_ttl)
-        upstreams = {r.name: Upstream(r, self.agent, self.clock) for r in self.registries}
-        self.cache = PullThroughCache(self.store, upstreams, self.clock, tag_ttl)
+        self.upstreams = {r.name: Upstream(r, self.agent, self.clock) for r in self.registries}
+        self.cache = PullThroughCache(self.store, self.upstreams, self.clock, tag_ttl)
         resource = RegistryResource(
             Router(self.registries), self.cache, lambda: (200, {"status": "ok"})
         )
@@ -337,9 +424,9 @@ class MemoryRegistry:
     def pump(self) -> None:
         """Move bytes between txregistry and the fake upstream until nothing moves."""
         for _ in range(100):
-            if not self.agent._pumps:
+            if not self._traversal._pumps:
                 return
-            self.agent.flush()
+            self._traversal.flush()
 
     def client(self, transport: StringTransport | None = None) -> Client:
         return Client(self.site, self.pump, transport)

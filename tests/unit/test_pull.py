@@ -339,7 +339,7 @@ class TestUpstreamErrors:
     def test_unreachable_upstream_says_which_and_why(self, tmp_path):
         dead = RegistryConfig("docker.io", (MirrorConfig("http://10.0.0.1:1"),), default=True)
         registry = MemoryRegistry(tmp_path, registries=[dead])
-        registry.agent.request = _refuse_connection
+        registry.agent.refused.add("10.0.0.1")
         response = registry.get("/v2/alpine/manifests/latest")
         assert response.status == 502
         (error,) = response.json()["errors"]
@@ -366,13 +366,6 @@ def start_held_pull(registry, blob):
     client.send("GET", f"/v2/alpine/blobs/{digest}")
     (held,) = requests
     return client, held, digest
-
-
-def _refuse_connection(method, uri, headers=None, bodyProducer=None):
-    from twisted.internet.defer import fail
-    from twisted.internet.error import ConnectionRefusedError
-
-    return fail(ConnectionRefusedError())
 
 
 class TestTokenAuth:

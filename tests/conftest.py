@@ -1,0 +1,32 @@
+"""Fixtures shared by unit and integration tests."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.logger import formatEvent, globalLogPublisher
+
+
+class CapturedLogs(list):
+    """Every log event emitted during a test, formatted as text."""
+
+    def text(self) -> str:
+        return "\n".join(self)
+
+    def matching(self, fragment: str) -> list[str]:
+        return [line for line in self if fragment in line]
+
+
+@pytest.fixture
+def logs():
+    captured = CapturedLogs()
+
+    def observe(event):
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            text += "\n" + failure.getTraceback()
+        captured.append(text)
+
+    globalLogPublisher.addObserver(observe)
+    yield captured
+    globalLogPublisher.removeObserver(observe)
