@@ -86,9 +86,10 @@ def main() -> None:
             scopes = query.get("scope", [])
             service = query.get("service", [""])[0]
             print(f"TOKEN scope={' '.join(scopes)} service={service} user={user}", flush=True)
-            body = json.dumps(
-                {"token": token(scopes, user), "expires_in": options.lifetime}
-            ).encode()
+            issued = token(scopes, user)
+            # Printed so that tests can check it appears in no log of txregistry's.
+            print(f"ISSUED {issued}", flush=True)
+            body = json.dumps({"token": issued, "expires_in": options.lifetime}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))

@@ -5,15 +5,18 @@ images the tests build and push with skopeo, and txregistry in between.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
 from harness.images import big_image, small_image, write_layout
-from harness.pki import token_signing_credential
+from harness.network import TinyProxy
+from harness.pki import CertificateAuthority, token_signing_credential
 from harness.processes import Process
 from harness.registry import DistributionRegistry
 from harness.skopeo import Skopeo
@@ -46,13 +49,23 @@ class Upstream:
         return self.registry.url
 
 
+ALL_IMAGES = ("small", "docker", "multi", "big")
+
+
 def push_images(
-    skopeo: Skopeo, layouts: Path, registry: DistributionRegistry, *creds: str
+    skopeo: Skopeo,
+    layouts: Path,
+    registry: DistributionRegistry,
+    *creds: str,
+    names: tuple[str, ...] = ALL_IMAGES,
+    tag: str = "v1",
 ) -> dict[str, Pushed]:
     """Build the test images and push them; return them by short name."""
     images = {}
 
     def push(name: str, layout_args: tuple, *options: str) -> None:
+        if name not in names:
+            return
         layout = layouts / name
         write_layout(layout, "t", *layout_args)
         digest_file = layouts / f"{name}.digest"
@@ -64,9 +77,9 @@ def push_images(
             str(digest_file),
             *options,
             f"oci:{layout}:t",
-            f"docker://{registry.host}/library/{name}:v1",
+            f"docker://{registry.host}/library/{name}:{tag}",
         )
-        images[name] = Pushed(f"library/{name}", "v1", digest_file.read_text().strip())
+        images[name] = Pushed(f"library/{name}", tag, digest_file.read_text().strip())
 
     push("small", ([small_image(1)],))
     push("docker", ([small_image(2)],), "--format", "v2s2")
@@ -115,28 +128,101 @@ def start_token_server(directory: Path, *extra: str) -> tuple[Process, str, Path
     return process, f"http://127.0.0.1:{port}/token", signer.cert
 
 
+def token_registry(directory: Path, realm: str, signer: Path) -> DistributionRegistry:
+    auth = {
+        "token": {
+            "realm": realm,
+            "service": "test-registry",
+            "issuer": "test-issuer",
+            "rootcertbundle": str(signer),
+        }
+    }
+    return DistributionRegistry(directory, auth=auth).start()
+
+
 @pytest.fixture(scope="session")
 def token_upstream(tmp_path_factory, skopeo) -> Iterator[Upstream]:
-    """A distribution registry with token auth, and its token service."""
+    """A distribution registry with token auth, and its anonymous token service."""
     directory = tmp_path_factory.mktemp("token-upstream")
     token_server, realm, signer = start_token_server(directory)
-    registry = DistributionRegistry(
-        directory,
-        auth={
-            "token": {
-                "realm": realm,
-                "service": "test-registry",
-                "issuer": "test-issuer",
-                "rootcertbundle": str(signer),
-            }
-        },
-    ).start()
+    registry = token_registry(directory, realm, signer)
     try:
         images = push_images(skopeo, directory / "layouts", registry)
         yield Upstream(registry, images, token_server)
     finally:
         registry.stop()
         token_server.stop()
+
+
+USER, PASSWORD = "alice", "pw-Tr0ub4dor&3"
+
+
+@pytest.fixture(scope="session")
+def login_token_upstream(tmp_path_factory, skopeo) -> Iterator[Upstream]:
+    """A token-auth registry whose token service requires USER and PASSWORD."""
+    directory = tmp_path_factory.mktemp("login-token-upstream")
+    token_server, realm, signer = start_token_server(directory, "--user", f"{USER}:{PASSWORD}")
+    registry = token_registry(directory, realm, signer)
+    try:
+        creds = ("--dest-creds", f"{USER}:{PASSWORD}")
+        images = push_images(skopeo, directory / "layouts", registry, *creds, names=("small",))
+        yield Upstream(registry, images, token_server)
+    finally:
+        registry.stop()
+        token_server.stop()
+
+
+@pytest.fixture(scope="session")
+def htpasswd_upstream(tmp_path_factory, skopeo) -> Iterator[Upstream]:
+    """A registry with htpasswd (Basic) auth for USER and PASSWORD."""
+    directory = tmp_path_factory.mktemp("htpasswd-upstream")
+    htpasswd = directory / "htpasswd"
+    done = subprocess.run(
+        ["htpasswd", "-Bbn", USER, PASSWORD], capture_output=True, text=True, check=True
+    )
+    htpasswd.write_text(done.stdout)
+    registry = DistributionRegistry(
+        directory, auth={"htpasswd": {"realm": "test", "path": str(htpasswd)}}
+    ).start()
+    try:
+        creds = ("--dest-creds", f"{USER}:{PASSWORD}")
+        images = push_images(skopeo, directory / "layouts", registry, *creds, names=("small",))
+        yield Upstream(registry, images)
+    finally:
+        registry.stop()
+
+
+@pytest.fixture(scope="session")
+def ca(tmp_path_factory) -> CertificateAuthority:
+    return CertificateAuthority(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture(scope="session")
+def tls_upstream(tmp_path_factory, skopeo, ca) -> Iterator[Upstream]:
+    """An HTTPS registry with a certificate from the test CA."""
+    directory = tmp_path_factory.mktemp("tls-upstream")
+    credential = ca.issue("registry")
+    registry = DistributionRegistry(directory, tls=(credential.chain, credential.key)).start()
+    try:
+        yield Upstream(
+            registry, push_images(skopeo, directory / "layouts", registry, names=("small",))
+        )
+    finally:
+        registry.stop()
+
+
+@pytest.fixture
+def tinyproxy(tmp_path) -> Iterator[TinyProxy]:
+    proxy = TinyProxy(tmp_path / "tinyproxy")
+    yield proxy
+    proxy.stop()
+
+
+def password_file(directory: Path, password: str = PASSWORD) -> Path:
+    path = directory / "password"
+    path.write_text(password + "\n")
+    path.chmod(0o600)
+    return path
 
 
 @dataclass
@@ -162,7 +248,11 @@ def start_txregistry(tmp_path) -> Iterator:
     started: list[RegistryService] = []
 
     def start(
-        *registries: RegistryConfig, tag_ttl: float = 300.0, directory: Path | None = None
+        *registries: RegistryConfig,
+        tag_ttl: float = 300.0,
+        directory: Path | None = None,
+        reactor: Any = reactor,
+        resolver: Any = None,
     ) -> Running:
         config = Config(
             server=ServerConfig(listen=("tcp:0:interface=127.0.0.1",)),
@@ -170,7 +260,7 @@ def start_txregistry(tmp_path) -> Iterator:
             registries=registries,
         )
         endpoints = [serverFromString(reactor, d) for d in config.server.listen]
-        service = RegistryService(config, reactor, endpoints)
+        service = RegistryService(config, reactor, endpoints, resolver)
         service.privilegedStartService()
         service.startService()
         started.append(service)

@@ -85,6 +85,20 @@ def test_bad_config_stops_startup_with_one_line(tmp_path, text, message):
     assert str(config) in line and message in line
 
 
+def test_password_file_readable_by_others_stops_startup(tmp_path):
+    secret = tmp_path / "password"
+    secret.write_text("hunter2\n")
+    secret.chmod(0o644)
+    config = write_config(
+        tmp_path,
+        f'[[registry]]\nname = "docker.io"\nmirrors = ["https://registry-1.docker.io"]\n'
+        f'username = "alice"\npassword_file = "{secret}"\n',
+    )
+    line = refusal(tmp_path, "--config", str(config))
+    assert "registry[0].password_file" in line and "chmod 600" in line
+    assert "hunter2" not in line
+
+
 def test_unreadable_config(tmp_path):
     line = refusal(tmp_path, "--config", str(tmp_path / "missing.toml"))
     assert "missing.toml: cannot read config file: No such file or directory" in line

@@ -1,0 +1,71 @@
+"""The service tree and what it says at startup."""
+
+from pathlib import Path
+
+from twisted.internet.testing import MemoryReactorClock
+
+from txregistry.config import (
+    CacheConfig,
+    Config,
+    Credentials,
+    MirrorConfig,
+    ProxyConfig,
+    ProxyServer,
+    RegistryConfig,
+    Secret,
+    ServerConfig,
+    UpstreamConfig,
+)
+from txregistry.service import Listener, RegistryService
+
+
+def service_for(tmp_path: Path, *registries: RegistryConfig) -> RegistryService:
+    config = Config(
+        server=ServerConfig(listen=("tcp:5050", "tcp:5443")),
+        cache=CacheConfig(tmp_path / "cache"),
+        registries=registries,
+    )
+    reactor = MemoryReactorClock()
+    from twisted.internet.endpoints import serverFromString
+
+    endpoints = [serverFromString(reactor, d) for d in config.server.listen]
+    return RegistryService(config, reactor, endpoints)
+
+
+def test_one_listener_per_description(tmp_path):
+    service = service_for(
+        tmp_path, RegistryConfig("docker.io", (MirrorConfig("https://r.example"),))
+    )
+    listeners = [s for s in service if isinstance(s, Listener)]
+    assert [listener.description for listener in listeners] == ["tcp:5050", "tcp:5443"]
+    assert all(listener.parent is service for listener in listeners)
+
+
+def test_startup_says_how_each_registry_is_reached_without_secrets(tmp_path, logs):
+    proxy = ProxyServer("proxy.example", 3128, Secret("Basic cHJveHk6c2VjcmV0"))
+    registry = RegistryConfig(
+        "docker.io",
+        (MirrorConfig("https://registry-1.docker.io"), MirrorConfig("https://m.example", False)),
+        default=True,
+        insecure=True,
+        credentials=Credentials("alice", Secret("hunter2"), "/etc/txregistry/password"),
+        upstream=UpstreamConfig(proxy=ProxyConfig(https=proxy, no_proxy=("internal.example",))),
+    )
+    service = service_for(tmp_path, registry)
+    service.privilegedStartService()
+    text = logs.text()
+    assert (
+        "registry docker.io (default): mirrors https://registry-1.docker.io,"
+        " https://m.example (digest-only); IPv4-only connections"
+    ) in text
+    assert (
+        "using credentials for registry docker.io (user: alice, password from"
+        " /etc/txregistry/password)"
+    ) in text
+    assert "registry docker.io: TLS certificates of its mirrors are NOT verified" in text
+    assert (
+        "registry docker.io: https upstreams through proxy http://proxy.example:3128,"
+        " except internal.example"
+    ) in text
+    assert "hunter2" not in text and "cHJveHk6c2VjcmV0" not in text
+    assert "listening on tcp:5050" in text and "listening on tcp:5443" in text
