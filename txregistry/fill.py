@@ -3,23 +3,37 @@ Downloading a blob from upstream while clients read it.
 
 A L{BlobFill} writes the upstream's bytes to a temporary file and hashes
 them as they arrive.  Any number of L{FileSender}s follow the file as it
-grows, each at its own pace.  None of them is given the last byte until the
-size and digest have been checked: a client can never take a corrupt or
-truncated blob for a complete one, because its response ends only after the
-check.  On a mismatch, or a cut connection, every client's connection is
-aborted and the temporary file is removed.
+grows, each at its own pace, so a slow client costs a file offset, not
+memory, and slows neither the download nor the other clients.  None of them
+is given the last byte until the size and digest have been checked: a
+client can never take a corrupt or truncated blob for a complete one.
 
-L{StreamThrough} is the fallback when a blob cannot be cached: it pipes the
-upstream response straight to one client, with backpressure both ways, and
-checks it the same way.
+When the upstream connection is cut, or sends nothing for C{body_timeout},
+the download resumes with a C{Range} request from the byte already
+received, first from the same mirror, then from the next; the hash carries
+on, and the clients see one uninterrupted stream.  Only when that fails
+too are their connections aborted.  Nothing partial or unverified is ever
+cached.
+
+If the file cannot be written (the disk is full), the fill I{relays}: what
+is on disk stays readable, new bytes are kept in a bounded window in
+memory, and the download waits for the slowest client when the window is
+full.  The clients still get the whole, verified blob; it is not cached.
+
+L{StreamThrough} pipes an upstream response straight to one client when a
+blob is not to be cached at all (it is larger than the cache, say).
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,12 +42,20 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from txregistry.httpclient import describe_failure
 from txregistry.reference import Digest
 from txregistry.sender import FileSender, abort_connection
+from txregistry.upstream import UpstreamResponse
+
+_CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
 class BlobCheckFailed(Exception):
     """What the upstream sent is not the blob that was asked for."""
+
+
+class FillAbandoned(Exception):
+    """The download was stopped because nobody wants it any more."""
 
 
 def _check(digest: Digest, expected_size: int | None, received: int, actual_hex: str) -> None:
@@ -47,41 +69,98 @@ def _check(digest: Digest, expected_size: int | None, received: int, actual_hex:
         )
 
 
+class Resumer(TypingProtocol):
+    """Asks the upstream again for a blob, from byte C{offset} on."""
+
+    def __call__(self, offset: int, last_mirror: str) -> Awaitable[UpstreamResponse]: ...
+
+
+@dataclass(frozen=True)
+class FillPolicy:
+    """
+    @ivar resume_attempts: how many times a cut download is resumed.
+    @ivar body_timeout: how long a download may go without a byte before it
+        counts as cut.
+    @ivar fill_without_clients: whether a download goes on once every
+        client that wanted it has gone, so that the next pull is a hit.
+    @ivar relay_window: how many bytes a relaying fill keeps in memory.
+    """
+
+    resume_attempts: int = 3
+    body_timeout: float = 30.0
+    fill_without_clients: bool = True
+    relay_window: int = 8 << 20
+
+
 class BlobFill:
     """
     One upstream download of one blob into a temporary file.
 
-    The file is reference counted (see L{ByteSource}): the owner that
-    creates the fill and hands it to clients holds the first reference, and
-    takes another for each client it hands it to.
+    It is reference counted (see L{ByteSource}): the owner that creates it
+    and hands it to clients holds the first reference, and takes another for
+    each client it hands it to.
 
     @ivar verified: fires with the blob's size once all of it has arrived
         and matched its digest, or fails with the reason it never will.
+    @ivar cacheable: false once the fill has had to relay, its file being
+        incomplete.
+    @ivar resumes: how many times the download was resumed.
     """
 
     log = Logger()
 
     def __init__(
-        self, digest: Digest, expected_size: int | None, fd: int, path: str, source: str
+        self,
+        digest: Digest,
+        expected_size: int | None,
+        fd: int,
+        path: str,
+        source: str,
+        clock: IReactorTime,
+        policy: FillPolicy = FillPolicy(),
+        resume: Resumer | None = None,
+        on_relay: Callable[[BlobFill, str], None] | None = None,
     ) -> None:
         self.digest = digest
-        self.source = source
         self.expected_size = expected_size
         self.path = path
+        self.source = source
+        self.clock = clock
+        self.policy = policy
         self.received = 0
+        self.resumes = 0
+        self.cacheable = True
         self.verified: Deferred[int] = Deferred()
         self._fd: int | None = fd
+        self._resume = resume
+        self._on_relay = on_relay
         self._hash = digest.hasher()
         self._complete = False
         self._failure: Failure | None = None
         self._senders: set[FileSender] = set()
         self._references = 1
+        self._download: FillFromResponse | None = None
+        # Relaying: bytes from _memory_start on are in _memory, not on disk.
+        self._on_disk = 0
+        self._memory: bytearray | None = None
+        self._memory_start = 0
+
+    def start(self, response: UpstreamResponse) -> None:
+        """Download from C{response}'s body."""
+        response.response.deliverBody(FillFromResponse(self))
 
     # ByteSource, for the FileSenders that follow this fill.
 
-    def fileno(self) -> int:
+    def read(self, offset: int, length: int) -> bytes:
         assert self._fd is not None
-        return self._fd
+        if offset < self._on_disk:
+            return os.pread(self._fd, min(length, self._on_disk - offset), offset)
+        assert self._memory is not None
+        start = offset - self._memory_start
+        assert start >= 0, "a client fell behind the relay window"
+        data = bytes(self._memory[start : start + length])
+        self._trim_memory()
+        return data
 
     def available(self) -> int:
         # The last byte is held back until the blob has been verified.
@@ -98,6 +177,14 @@ class BlobFill:
 
     def unsubscribe(self, sender: FileSender) -> None:
         self._senders.discard(sender)
+        if self._senders or not self.active:
+            return
+        if self._memory is not None:
+            self._abandon("every client it was relayed to has gone")
+        elif not self.policy.fill_without_clients:
+            self._abandon("every client that wanted it has gone")
+        else:
+            self._trim_memory()
 
     def acquire(self) -> BlobFill:
         """Take a reference, for someone the fill is handed to."""
@@ -116,23 +203,61 @@ class BlobFill:
         """Whether bytes are still arriving."""
         return not self._complete and self._failure is None
 
-    # Driven by the upstream response.
+    # Driven by the download.
 
     def write(self, data: bytes) -> None:
         if not self.active:
             return
-        assert self._fd is not None
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-        except OSError as e:
-            self.fail(Failure(e))
-            return
+        if self._memory is None:
+            try:
+                self._write_to_disk(data)
+            except OSError as e:
+                self._start_relaying(e)
+        if self._memory is not None:
+            self._memory += data
         self._hash.update(data)
         self.received += len(data)
+        if self._memory is not None and len(self._memory) > self.policy.relay_window:
+            # The slowest client is a window behind: wait for it.
+            self._pause_download(True)
         self._notify()
+
+    def _write_to_disk(self, data: bytes) -> None:
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+            self._on_disk += written
+
+    def _start_relaying(self, error: OSError) -> None:
+        reason = f"cannot write to the cache: {error.strerror or error}"
+        self.log.warn(
+            "{digest}: {reason}; relaying it to its clients without caching it",
+            digest=str(self.digest),
+            reason=reason,
+        )
+        self.cacheable = False
+        self._memory = bytearray()
+        self._memory_start = self._on_disk
+        if self._on_relay is not None:
+            self._on_relay(self, reason)
+
+    def _trim_memory(self) -> None:
+        """Drop relayed bytes that every client has already sent."""
+        if self._memory is None:
+            return
+        low = min((s.offset for s in self._senders), default=self.received)
+        drop = min(low - self._memory_start, len(self._memory))
+        if drop > 0:
+            del self._memory[:drop]
+            self._memory_start += drop
+        if len(self._memory) <= self.policy.relay_window // 2:
+            self._pause_download(False)
+
+    def _pause_download(self, paused: bool) -> None:
+        if self._download is not None:
+            self._download.hold(paused)
 
     def finish(self) -> None:
         """The upstream response ended normally: check what arrived."""
@@ -144,25 +269,94 @@ class BlobFill:
             self.fail(Failure(e))
             return
         self._complete = True
+        self._download = None
+        if not self.cacheable:
+            self.discard_file()
         self._notify()
         self.verified.callback(self.received)
+
+    def interrupted(self, reason: Failure) -> None:
+        """The download was cut short: resume it, or give up."""
+        if not self.active:
+            return
+        self._download = None
+        if self._resume is None or self.resumes >= self.policy.resume_attempts:
+            self.fail(reason)
+            return
+        self.resumes += 1
+        self.log.warn(
+            "download of {digest} from {source} cut after {received} bytes ({reason});"
+            " resuming, attempt {attempt} of {attempts}",
+            digest=str(self.digest),
+            source=self.source,
+            received=self.received,
+            reason=describe_failure(reason),
+            attempt=self.resumes,
+            attempts=self.policy.resume_attempts,
+        )
+        Deferred.fromCoroutine(self._resume_from(self.received)).addErrback(self.interrupted)
+
+    async def _resume_from(self, offset: int) -> None:
+        assert self._resume is not None
+        response = await self._resume(offset, self.source)
+        if not self.active:
+            response.response.deliverBody(_Discard())
+            return
+        skip = self._resumed_at(response, offset)
+        self.source = response.mirror
+        response.response.deliverBody(FillFromResponse(self, skip))
+
+    def _resumed_at(self, response: UpstreamResponse, offset: int) -> int:
+        """
+        Check that a resumed response continues at C{offset}; return how
+        many bytes of it to skip (all of those before C{offset}, when the
+        mirror ignored the C{Range} and sent the whole blob).
+        """
+        if response.code == 200:
+            length = response.content_length
+            if None not in (length, self.expected_size) and length != self.expected_size:
+                raise BlobCheckFailed(f"resumed from {response.mirror} with a different size")
+            return offset
+        match = _CONTENT_RANGE_RE.fullmatch(response.header("Content-Range") or "")
+        total = match and match[3]
+        if response.code != 206 or match is None or int(match[1]) != offset:
+            raise BlobCheckFailed(
+                f"{response.mirror} did not resume at byte {offset}"
+                f" (HTTP {response.code}, Content-Range {response.header('Content-Range')!r})"
+            )
+        if (
+            self.expected_size is not None
+            and total != "*"
+            and int(total or 0) != self.expected_size
+        ):
+            raise BlobCheckFailed(f"{response.mirror} resumed a blob of another size")
+        return 0
 
     def fail(self, reason: Failure) -> None:
         """The download cannot complete: abort every client, drop the file."""
         if not self.active:
             return
         self._failure = reason
-        self.log.warn(
+        self._pause_download(False)
+        download, self._download = self._download, None
+        if download is not None:
+            download.stop()
+        level = self.log.info if reason.check(FillAbandoned) else self.log.warn
+        level(
             "download of {digest} failed after {received} bytes: {reason}",
             digest=str(self.digest),
             received=self.received,
-            reason=reason.getErrorMessage(),
+            reason=describe_failure(reason),
         )
+        self._memory = None if self._memory is None else bytearray()
         self.discard_file()
         self._notify()
         self.verified.errback(reason)
         # Whoever waits on "verified" has been told; the failure is handled.
         self.verified.addErrback(lambda _: None)
+
+    def _abandon(self, why: str) -> None:
+        self.fail(Failure(FillAbandoned(why)))
 
     def _notify(self) -> None:
         for sender in list(self._senders):
@@ -177,22 +371,80 @@ class BlobFill:
 
 
 class FillFromResponse(Protocol):
-    """Feeds an upstream response body into a L{BlobFill}."""
+    """
+    Feeds an upstream response body into a L{BlobFill}, skipping its first
+    C{skip} bytes, and cuts the connection if it goes quiet for the fill's
+    C{body_timeout}.
+    """
 
-    def __init__(self, fill: BlobFill) -> None:
+    def __init__(self, fill: BlobFill, skip: int = 0) -> None:
         self._fill = fill
+        self._skip = skip
+        self._timer: IDelayedCall | None = None
+        self._held = False
+        self._stopped = False
 
-    def dataReceived(self, data: bytes) -> None:
-        self._fill.write(data)
-        if self._fill.failure() is not None and self.transport is not None:
-            # The fill gave up (the disk is full, say): stop downloading.
+    def connectionMade(self) -> None:
+        self._fill._download = self
+        self._wind()
+
+    def _wind(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if not self._held and not self._stopped:
+            self._timer = self._fill.clock.callLater(self._fill.policy.body_timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        self._timer = None
+        self._fill.log.warn(
+            "download of {digest} from {source}: nothing received for {timeout}s",
+            digest=str(self._fill.digest),
+            source=self._fill.source,
+            timeout=self._fill.policy.body_timeout,
+        )
+        self.stop()
+
+    def hold(self, held: bool) -> None:
+        """Pause or resume reading from the upstream (a relaying fill's backpressure)."""
+        if held == self._held or self.transport is None:
+            return
+        self._held = held
+        producer = IPushProducer(self.transport)
+        if held:
+            producer.pauseProducing()
+        else:
+            producer.resumeProducing()
+        self._wind()
+
+    def stop(self) -> None:
+        """Cut the upstream connection."""
+        self._stopped = True
+        self._wind()
+        if self.transport is not None:
             IPushProducer(self.transport).stopProducing()
 
+    def dataReceived(self, data: bytes) -> None:
+        self._wind()
+        if self._skip:
+            skipped = min(self._skip, len(data))
+            self._skip -= skipped
+            data = data[skipped:]
+        if data:
+            self._fill.write(data)
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stopped = True
+        self._wind()
         if reason.check(ResponseDone, PotentialDataLoss):
             self._fill.finish()
         else:
-            self._fill.fail(reason)
+            self._fill.interrupted(reason)
+
+
+class _Discard(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        pass
 
 
 @implementer(IPushProducer)
@@ -235,7 +487,7 @@ class StreamThrough(Protocol):
         self._request.unregisterProducer()
         try:
             if not reason.check(ResponseDone, PotentialDataLoss):
-                raise BlobCheckFailed(f"upstream connection lost: {reason.getErrorMessage()}")
+                raise BlobCheckFailed(f"upstream connection lost: {describe_failure(reason)}")
             _check(self._digest, self._expected_size, self._received, self._hash.hexdigest())
         except BlobCheckFailed as e:
             self.log.warn("streaming {digest} failed: {why}", digest=str(self._digest), why=str(e))
@@ -244,8 +496,6 @@ class StreamThrough(Protocol):
             self._request.write(self._held)
             self._request.finish()
         self.done.callback(None)
-
-    # IPushProducer, driven by the client's transport.
 
     # The upstream body's transport (Twisted's TransportProxyProducer) is a
     # push producer: pausing it stops reading from the upstream socket.

@@ -120,12 +120,16 @@ def header(response: IResponse, name: str) -> str | None:
     return value.decode("latin-1") if isinstance(value, bytes) else str(value)
 
 
-def describe_failure(error: BaseException) -> str:
+def describe_failure(error: BaseException | Failure | None) -> str:
     """
     A plain, one-line reason for a failed request, for logs and for the 502
     a client sees: "connection refused", "no IPv4 address for <host>",
     "TLS: certificate verify failed".
     """
+    if isinstance(error, Failure):
+        error = error.value
+    if error is None:
+        return "unknown error"
     reasons = getattr(error, "reasons", None)
     if reasons:
         # ResponseFailed and ResponseNeverReceived wrap the real failures.

@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from txregistry.errors import RegistryError
-from txregistry.fill import BlobFill, FillFromResponse
+from txregistry.fill import BlobFill
 from txregistry.httpclient import read_body
 from txregistry.mirrors import (
     UPSTREAM_ERRORS,
@@ -376,12 +376,12 @@ class PullThroughCache:
         except OSError as e:
             self.log.warn("cannot create a download file: {error}; streaming uncached", error=e)
             return None
-        fill = BlobFill(digest, size, fd, path, response.mirror)
+        fill = BlobFill(digest, size, fd, path, response.mirror, self._clock)
         self._fills[digest] = fill
         fill.verified.addCallbacks(
             self._commit, self._forget, callbackArgs=(fill,), errbackArgs=(fill,)
         )
-        response.response.deliverBody(FillFromResponse(fill))
+        fill.start(response)
         return fill
 
     def _commit(self, size: int, fill: BlobFill) -> None:

@@ -2,10 +2,10 @@
 Sending a file to an HTTP client, as fast as the client takes it.
 
 One producer, L{FileSender}, serves both a finished file from the cache and
-a download still in progress (a L{txregistry.fill.BlobFill}): it reads with
-C{pread} from the source's file descriptor, up to what the source says may
-be sent, and waits when it catches up.  A slow client therefore costs a file
-offset, not memory, and never slows the download or other clients.
+a download still in progress (a L{txregistry.fill.BlobFill}): it reads from
+the source at its own offset, up to what the source says may be sent, and
+waits when it catches up.  A slow client therefore costs a file offset, not
+memory, and never slows the download or other clients.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ class ByteSource(Protocol):
     is closed with the last reference.
     """
 
-    def fileno(self) -> int: ...
+    def read(self, offset: int, length: int) -> bytes:
+        """Up to C{length} bytes from C{offset}, which is below L{available}."""
 
     def available(self) -> int:
         """How many bytes, from the start of the file, may be sent now."""
@@ -59,8 +60,8 @@ class CompleteFile:
         self._file = file
         self._size = size
 
-    def fileno(self) -> int:
-        return self._file.fileno()
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self._file.fileno(), length, offset)
 
     def available(self) -> int:
         return self._size
@@ -152,13 +153,12 @@ class FileSender:
 
     def _pump(self) -> None:
         source = self._source
-        fd = source.fileno() if not self._done else -1
         while not self._done and not self._paused:
             limit = source.available()
             if self._end is not None:
                 limit = min(limit, self._end)
             if self._offset < limit:
-                data = os.pread(fd, min(CHUNK_SIZE, limit - self._offset), self._offset)
+                data = source.read(self._offset, min(CHUNK_SIZE, limit - self._offset))
                 if not data:
                     self._abort(f"file ended early at byte {self._offset}")
                     return
