@@ -46,14 +46,35 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class ServerConfig:
+    """
+    @ivar admin_listen: where admin requests (offline mode) are served; an
+        empty tuple turns them off.
+    @ivar header_timeout: how long a client has to send a request's headers,
+        counted from its first byte, so that a trickle cannot hold a
+        connection for ever.
+    @ivar idle_timeout: how long an idle connection is kept.
+    """
+
     listen: tuple[str, ...] = ("tcp:5050:interface=127.0.0.1",)
+    admin_listen: tuple[str, ...] = ("tcp:5051:interface=127.0.0.1",)
+    header_timeout: float = 30.0
+    idle_timeout: float = 300.0
 
 
 @dataclass(frozen=True)
 class CacheConfig:
+    """
+    @ivar negative_ttl: how long a tag the upstream said does not exist is
+        remembered as missing.
+    @ivar fill_after_disconnect: whether a download goes on when every
+        client that wanted it has gone, so that the next pull is a hit.
+    """
+
     directory: Path
     size_limit: int = 20 << 30
     tag_ttl: float = 300.0
+    negative_ttl: float = 15.0
+    fill_after_disconnect: bool = True
 
 
 class Secret:
@@ -148,6 +169,8 @@ class UpstreamConfig:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     backoff_initial: float = 10.0
     backoff_max: float = 300.0
+    body_timeout: float = 30.0
+    resume_attempts: int = 3
 
 
 @dataclass(frozen=True)
@@ -198,6 +221,8 @@ class RegistryConfig:
     @ivar ca_file: CA certificates to trust for the mirrors' TLS, instead of
         the system's.
     @ivar insecure: do not verify the mirrors' TLS certificates.
+    @ivar offline: serve only what is cached, asking no upstream; admin
+        requests can change it at runtime.
     """
 
     name: str
@@ -209,6 +234,7 @@ class RegistryConfig:
     ca_file: Path | None = None
     insecure: bool = False
     credentials: Credentials | None = None
+    offline: bool = False
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -473,6 +499,12 @@ def _positive_duration(value: Any) -> float:
     return seconds
 
 
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number, 0 or more, not {value!r}")
+    return value
+
+
 def _address_family(value: Any) -> str:
     if value not in ADDRESS_FAMILIES:
         raise ValueError(f"must be one of {', '.join(ADDRESS_FAMILIES)}, not {value!r}")
@@ -527,6 +559,8 @@ def _upstream(table: _Table, defaults: UpstreamConfig) -> UpstreamConfig:
         proxy=proxy,
         backoff_initial=defaults.backoff_initial,
         backoff_max=defaults.backoff_max,
+        body_timeout=defaults.body_timeout,
+        resume_attempts=defaults.resume_attempts,
     )
 
 
@@ -614,6 +648,7 @@ def _registry(
         ca_file=table.get("ca_file", _existing_file, None),
         insecure=table.get("insecure", _boolean, False),
         credentials=_credentials(table, environ),
+        offline=table.get("offline", _boolean, False),
     )
     table.finish()
     return registry
@@ -643,7 +678,16 @@ def parse_config(
     top = _Table(data, "")
 
     server_table = top.table("server")
-    server = ServerConfig(listen=server_table.get("listen", _listen, ServerConfig.listen))
+    server = ServerConfig(
+        listen=server_table.get("listen", _listen, ServerConfig.listen),
+        admin_listen=server_table.get("admin_listen", _strings, ServerConfig.admin_listen),
+        header_timeout=server_table.get(
+            "header_timeout", _positive_duration, ServerConfig.header_timeout
+        ),
+        idle_timeout=server_table.get(
+            "idle_timeout", _positive_duration, ServerConfig.idle_timeout
+        ),
+    )
     server_table.finish()
 
     cache_table = top.table("cache")
@@ -654,6 +698,10 @@ def parse_config(
         directory=directory,
         size_limit=cache_table.get("size_limit", parse_size, CacheConfig.size_limit),
         tag_ttl=cache_table.get("tag_ttl", parse_duration, CacheConfig.tag_ttl),
+        negative_ttl=cache_table.get("negative_ttl", parse_duration, CacheConfig.negative_ttl),
+        fill_after_disconnect=cache_table.get(
+            "fill_after_disconnect", _boolean, CacheConfig.fill_after_disconnect
+        ),
     )
     cache_table.finish()
 
@@ -665,6 +713,12 @@ def parse_config(
         ),
         backoff_max=upstream_table.get(
             "backoff_max", _positive_duration, UpstreamConfig.backoff_max
+        ),
+        body_timeout=upstream_table.get(
+            "body_timeout", _positive_duration, UpstreamConfig.body_timeout
+        ),
+        resume_attempts=upstream_table.get(
+            "resume_attempts", _count, UpstreamConfig.resume_attempts
         ),
     )
     upstream = _upstream(upstream_table, defaults)

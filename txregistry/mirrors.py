@@ -67,6 +67,18 @@ class UpstreamUnavailable(Exception):
         return RegistryError.upstream_unavailable(self.registry, self.failures)
 
 
+class UpstreamOffline(UpstreamUnavailable):
+    """The registry is in offline mode: no upstream is asked."""
+
+    def __init__(self, registry: str) -> None:
+        super().__init__(registry, [])
+
+    def as_registry_error(self, what: str = "the content asked for is not cached") -> RegistryError:
+        return RegistryError(
+            503, "UNAVAILABLE", f"registry {self.registry} is in offline mode, and {what}"
+        )
+
+
 UPSTREAM_ERRORS = (UpstreamNotFound, UpstreamRefused, UpstreamUnavailable)
 
 
@@ -163,13 +175,18 @@ class MirrorSet:
             MirrorState(m, upstream.backoff_initial, upstream.backoff_max) for m in registry.mirrors
         ]
 
-    def to_try(self, by_digest: bool) -> list[MirrorState]:
+    def to_try(self, by_digest: bool, first: str | None = None) -> list[MirrorState]:
         """
         The mirrors to ask, in order: only those that may resolve tags
         unless the request is for content by digest, and of those, the ones
-        not backing off, unless all of them are.
+        not backing off, unless all of them are.  C{first} names a mirror to
+        start from, the others following in their order (for resuming a
+        download from the mirror that was sending it).
         """
         eligible = [s for s in self.states if by_digest or s.mirror.resolve_tags]
+        starts = [i for i, s in enumerate(eligible) if s.mirror.url == first]
+        if starts:
+            eligible = eligible[starts[0] :] + eligible[: starts[0]]
         now = self._clock.seconds()
         ready = [s for s in eligible if not s.backing_off(now)]
         return ready or eligible

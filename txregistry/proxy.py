@@ -7,9 +7,14 @@ of the upstream, and what is kept.
  - A tag's answer (which digest it names, for the client's C{Accept}) is
    reused for C{tag_ttl}.  After that it is revalidated with a HEAD, which
    does not count against Docker Hub's pull limit; only if the digest changed
-   is the manifest downloaded again.
- - A blob miss starts one L{BlobFill}, which every client that asks for the
-   blob meanwhile follows.
+   is the manifest downloaded again.  If the upstream cannot answer (every
+   mirror failed or rate-limited us, or the registry is offline), the cached
+   answer is served as C{STALE}.
+ - A tag the upstream says does not exist is remembered as missing for
+   C{negative_ttl}.
+ - Concurrent requests for the same manifest share one lookup; concurrent
+   requests for the same blob share one download (a L{BlobFill}), which
+   each follows at its own pace.
 
 This module knows nothing of HTTP requests: it returns answers that
 L{txregistry.resource} writes out.
@@ -22,12 +27,14 @@ from dataclasses import dataclass
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from txregistry.config import CacheConfig
 from txregistry.errors import RegistryError
-from txregistry.fill import BlobFill
+from txregistry.fill import BlobFill, FillPolicy, Resumer
 from txregistry.httpclient import read_body
 from txregistry.mirrors import (
     UPSTREAM_ERRORS,
     UpstreamNotFound,
+    UpstreamOffline,
     UpstreamRefused,
     UpstreamUnavailable,
 )
@@ -39,6 +46,7 @@ from txregistry.upstream import FetchedManifest, Upstream, UpstreamResponse
 
 HIT = "HIT"
 MISS = "MISS"
+STALE = "STALE"
 
 # What to ask for when a client sends no Accept header: every manifest type
 # we pass through.  Without it distribution would convert to schema 1.
@@ -50,6 +58,9 @@ DEFAULT_ACCEPT = b", ".join(
         b"application/vnd.docker.distribution.manifest.v2+json",
     ]
 )
+PASSTHROUGH_LIMIT = 16 << 20
+# Past this many remembered missing tags, expired ones are forgotten.
+_MISSING_PRUNE_AT = 4096
 
 
 @dataclass(frozen=True)
@@ -130,26 +141,29 @@ def accept_key(accept: bytes) -> str:
     return ",".join(sorted(types))
 
 
-def not_found(route: Route, error: UpstreamNotFound) -> RegistryError:
-    """The client's 404, with the upstream's code when it is a known one."""
-    default = {"manifests": "MANIFEST_UNKNOWN", "blobs": "BLOB_UNKNOWN"}.get(
-        route.kind.value, "NAME_UNKNOWN"
-    )
-    code = (
-        error.code
-        if error.code in ("NAME_UNKNOWN", "MANIFEST_UNKNOWN", "BLOB_UNKNOWN")
-        else default
-    )
-    return RegistryError(404, code, f"{route.registry.name}/{route.describe()}: {error.message}")
-
-
 def upstream_error(route: Route, error: Exception) -> RegistryError:
     """Turn an upstream outcome into the error the client sees."""
     if isinstance(error, UpstreamNotFound):
-        return not_found(route, error)
+        default = {"manifests": "MANIFEST_UNKNOWN", "blobs": "BLOB_UNKNOWN"}.get(
+            route.kind.value, "NAME_UNKNOWN"
+        )
+        known = ("NAME_UNKNOWN", "MANIFEST_UNKNOWN", "BLOB_UNKNOWN")
+        code = error.code if error.code in known else default
+        return RegistryError(
+            404, code, f"{route.registry.name}/{route.describe()}: {error.message}"
+        )
+    if isinstance(error, UpstreamOffline):
+        return error.as_registry_error(f"{route.describe()} is not in the cache")
     if isinstance(error, (UpstreamRefused, UpstreamUnavailable)):
         return error.as_registry_error()
     raise error
+
+
+def _can_serve_stale(error: Exception) -> bool:
+    """Whether an upstream failure lets an expired tag be served from the cache."""
+    if isinstance(error, UpstreamRefused):
+        return error.status == 429
+    return isinstance(error, UpstreamUnavailable)
 
 
 class PullThroughCache:
@@ -165,29 +179,52 @@ class PullThroughCache:
         store: CacheStore,
         upstreams: dict[str, Upstream],
         clock: IReactorTime,
-        tag_ttl: float,
+        config: CacheConfig,
     ) -> None:
         self.store = store
         self._upstreams = upstreams
         self._clock = clock
-        self._tag_ttl = tag_ttl
+        self._config = config
         self._fills: dict[Digest, BlobFill] = {}
         self._fill_starts: SingleFlight[Digest, BlobFill | None] = SingleFlight()
+        self._manifest_lookups: SingleFlight[tuple[str, ...], ManifestAnswer] = SingleFlight()
+        self._missing: dict[str, float] = {}
 
     def upstream(self, route: Route) -> Upstream:
         return self._upstreams[route.registry.name]
+
+    @property
+    def fills_in_flight(self) -> int:
+        return len(self._fills)
+
+    @property
+    def joins(self) -> int:
+        """Requests that shared another's upstream request."""
+        return self._fill_starts.joins + self._manifest_lookups.joins
 
     # Manifests.
 
     async def manifest(self, route: Route, head: bool, accept: bytes) -> ManifestAnswer:
         accept = accept or DEFAULT_ACCEPT
+        lookup = (
+            route.registry.name,
+            route.repository,
+            str(route.reference),
+            accept_key(accept),
+            "HEAD" if head else "GET",
+        )
         try:
-            if isinstance(route.reference, Digest):
-                return await self._manifest_by_digest(route, route.reference, head, accept)
-            assert isinstance(route.reference, Tag)
-            return await self._manifest_by_tag(route, route.reference, head, accept)
+            return await self._manifest_lookups.run(
+                lookup, lambda: self._manifest(route, head, accept)
+            )
         except UPSTREAM_ERRORS as e:
             raise upstream_error(route, e) from None
+
+    async def _manifest(self, route: Route, head: bool, accept: bytes) -> ManifestAnswer:
+        if isinstance(route.reference, Digest):
+            return await self._manifest_by_digest(route, route.reference, head, accept)
+        assert isinstance(route.reference, Tag)
+        return await self._manifest_by_tag(route, route.reference, head, accept)
 
     async def _manifest_by_digest(
         self, route: Route, digest: Digest, head: bool, accept: bytes
@@ -214,18 +251,45 @@ class PullThroughCache:
         key = f"{route.registry.name}/{route.repository}:{tag}#{accept_key(accept)}"
         entry = await self.store.get_tag(key)
         now = self._clock.seconds()
-        if entry is not None and now - entry.checked_at >= self._tag_ttl:
-            entry = await self._revalidate(route, tag, accept, key, entry)
-        if entry is not None:
-            return await self._answer_from_entry(route, entry, head, accept)
+        if entry is not None and now - entry.checked_at >= self._config.tag_ttl:
+            try:
+                refreshed = await self._revalidate(route, tag, accept, key, entry)
+            except UPSTREAM_ERRORS as e:
+                if not _can_serve_stale(e):
+                    raise
+                self.log.warn(
+                    "serving stale {registry}/{what}: last confirmed {age:.0f}s ago,"
+                    " and the upstream cannot say now ({reason})",
+                    registry=route.registry.name,
+                    what=route.describe(),
+                    age=now - entry.checked_at,
+                    reason=str(e),
+                )
+                return await self._answer_from_entry(route, entry, head, accept, STALE)
+            if refreshed is not None:
+                return await self._answer_from_entry(route, refreshed, head, accept, HIT)
+        elif entry is not None:
+            return await self._answer_from_entry(route, entry, head, accept, HIT)
 
-        what = f"manifest {route.describe()}"
+        self._check_not_missing(route, key, now)
+        try:
+            return await self._fetch_tag(route, tag, head, accept, key, now)
+        except UpstreamNotFound:
+            self._remember_missing(key, now)
+            raise
+
+    async def _fetch_tag(
+        self, route: Route, tag: Tag, head: bool, accept: bytes, key: str, now: float
+    ) -> ManifestAnswer:
         if head:
             response = await self.upstream(route).request(
-                b"HEAD", route.repository, f"manifests/{tag}", what, {b"Accept": accept}
+                b"HEAD",
+                route.repository,
+                f"manifests/{tag}",
+                f"manifest {route.describe()}",
+                {b"Accept": accept},
             )
-            announced = response.header("Docker-Content-Digest")
-            if announced:
+            if response.header("Docker-Content-Digest"):
                 answer = _head_answer(route, response, None)
                 await self.store.put_tag(
                     key, TagEntry(answer.digest, answer.media_type, answer.size, now)
@@ -237,6 +301,21 @@ class PullThroughCache:
             key, TagEntry(str(fetched.digest), fetched.media_type, len(fetched.body), now)
         )
         return _answer(fetched.digest, _cached(fetched), head, MISS)
+
+    def _check_not_missing(self, route: Route, key: str, now: float) -> None:
+        until = self._missing.get(key)
+        if until is not None and now < until:
+            raise RegistryError.manifest_unknown(
+                f"{route.registry.name}/{route.describe()}: manifest unknown"
+                f" (the upstream said so {self._config.negative_ttl - (until - now):.0f}s ago)"
+            )
+
+    def _remember_missing(self, key: str, now: float) -> None:
+        if self._config.negative_ttl <= 0:
+            return
+        if len(self._missing) >= _MISSING_PRUNE_AT:
+            self._missing = {k: t for k, t in self._missing.items() if t > now}
+        self._missing[key] = now + self._config.negative_ttl
 
     async def _revalidate(
         self, route: Route, tag: Tag, accept: bytes, key: str, entry: TagEntry
@@ -260,14 +339,14 @@ class PullThroughCache:
         return refreshed
 
     async def _answer_from_entry(
-        self, route: Route, entry: TagEntry, head: bool, accept: bytes
+        self, route: Route, entry: TagEntry, head: bool, accept: bytes, cache: str
     ) -> ManifestAnswer:
         if head:
-            return ManifestAnswer(entry.digest, entry.media_type, entry.size, None, HIT)
+            return ManifestAnswer(entry.digest, entry.media_type, entry.size, None, cache)
         digest = Digest.parse(entry.digest)
         cached = await self.store.get_manifest(digest)
         if cached is not None:
-            return _answer(digest, cached, head, HIT)
+            return _answer(digest, cached, head, cache)
         # We know the digest but not the bytes (the tag was only HEADed):
         # fetch them by digest, so that they match what we said.
         fetched = await self._fetch_manifest(route, entry.digest, accept, digest)
@@ -316,7 +395,7 @@ class PullThroughCache:
 
         async def start() -> BlobFill | None:
             response = await self._get_blob(route, digest)
-            fill = self._start_fill(digest, response)
+            fill = self._start_fill(route, digest, response)
             if fill is None:
                 mine.append(response)
             return fill
@@ -351,12 +430,29 @@ class PullThroughCache:
         fill = self._fills.get(digest)
         return None if fill is None else BlobFilling(fill.acquire())
 
-    async def _get_blob(self, route: Route, digest: Digest) -> UpstreamResponse:
+    async def _get_blob(
+        self, route: Route, digest: Digest, offset: int = 0, start_with: str | None = None
+    ) -> UpstreamResponse:
+        headers = {b"Range": f"bytes={offset}-".encode()} if offset else None
         return await self.upstream(route).request(
-            b"GET", route.repository, f"blobs/{digest}", f"blob {route.describe()}", by_digest=True
+            b"GET",
+            route.repository,
+            f"blobs/{digest}",
+            f"blob {route.describe()}" + (f" from byte {offset}" if offset else ""),
+            headers,
+            by_digest=True,
+            start_with=start_with,
         )
 
-    def _start_fill(self, digest: Digest, response: UpstreamResponse) -> BlobFill | None:
+    def _resumer(self, route: Route, digest: Digest) -> Resumer:
+        async def resume(offset: int, last_mirror: str) -> UpstreamResponse:
+            return await self._get_blob(route, digest, offset, start_with=last_mirror)
+
+        return resume
+
+    def _start_fill(
+        self, route: Route, digest: Digest, response: UpstreamResponse
+    ) -> BlobFill | None:
         """
         Start filling the cache from a blob response, or return L{None} if
         the blob cannot be cached and must be streamed through instead.
@@ -373,35 +469,54 @@ class PullThroughCache:
             return None
         try:
             fd, path = self.store.new_temp_file(digest)
-        except OSError as e:
-            self.log.warn("cannot create a download file: {error}; streaming uncached", error=e)
+        except OSError:
             return None
-        fill = BlobFill(digest, size, fd, path, response.mirror, self._clock)
+        upstream = route.registry.upstream
+        policy = FillPolicy(
+            resume_attempts=upstream.resume_attempts,
+            body_timeout=upstream.body_timeout,
+            fill_without_clients=self._config.fill_after_disconnect,
+        )
+        fill = BlobFill(
+            digest,
+            size,
+            fd,
+            path,
+            response.mirror,
+            self._clock,
+            policy,
+            resume=self._resumer(route, digest),
+            on_relay=self._relaying,
+        )
         self._fills[digest] = fill
         fill.verified.addCallbacks(
-            self._commit, self._forget, callbackArgs=(fill,), errbackArgs=(fill,)
+            self._commit, self._done_with, callbackArgs=(fill,), errbackArgs=(fill,)
         )
         fill.start(response)
         return fill
 
+    def _relaying(self, fill: BlobFill, problem: str) -> None:
+        """A fill could not write its file: report it, and hand it out no more."""
+        self.store.report_problem(problem)
+        self._done_with(None, fill)
+
     def _commit(self, size: int, fill: BlobFill) -> None:
-        def done(_: object) -> None:
-            self._forget(None, fill)
+        if not fill.cacheable:
+            self._done_with(None, fill)
+            return
 
-        def failed(reason: object) -> None:
-            self.log.error(
-                "could not store {digest} in the cache: {reason}",
-                digest=str(fill.digest),
-                reason=reason,
-            )
-            fill.discard_file()
+        def stored(ok: bool) -> None:
+            if not ok:
+                fill.discard_file()
+            self._done_with(None, fill)
 
-        self.store.commit_blob(fill.digest, fill.path, size).addErrback(failed).addBoth(done)
+        self.store.commit_blob(fill.digest, fill.path, size).addCallback(stored)
 
-    def _forget(self, _: object, fill: BlobFill) -> None:
-        """Stop handing out a finished fill: new requests go to the store."""
-        self._fills.pop(fill.digest, None)
-        fill.release()
+    def _done_with(self, _: object, fill: BlobFill) -> None:
+        """Stop handing out a fill: new requests go to the store."""
+        if self._fills.get(fill.digest) is fill:
+            del self._fills[fill.digest]
+            fill.release()
 
     # Tags lists and referrers, passed through.
 
@@ -428,9 +543,6 @@ class PullThroughCache:
             if value is not None:
                 headers[name] = value
         return PassedThrough(response.code, headers, body)
-
-
-PASSTHROUGH_LIMIT = 16 << 20
 
 
 def _cached(fetched: FetchedManifest) -> CachedManifest:

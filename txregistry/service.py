@@ -131,7 +131,7 @@ class RegistryService(MultiService):
             r.name: Upstream(r, registry_agent(reactor, resolver, r), clock)
             for r in config.registries
         }
-        self.cache = PullThroughCache(self.store, self.upstreams, clock, config.cache.tag_ttl)
+        self.cache = PullThroughCache(self.store, self.upstreams, clock, config.cache)
         self.site = RegistrySite(
             RegistryResource(Router(config.registries), self.cache, self.health)
         )

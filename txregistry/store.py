@@ -5,6 +5,8 @@ Layout of the cache directory::
 
     tmp/     downloads in progress; emptied at startup
     store/   the diskcache database and the blob files it owns
+    running  present while txregistry runs: found at startup, it means the
+             last run did not stop cleanly, and the store is checked
 
 A blob is downloaded into C{tmp/}, hashed as it arrives, and only once its
 size and digest have been checked is its file I{moved} (not copied) into
@@ -13,11 +15,16 @@ size against the limit and deletes it when it evicts it, least recently used
 first.  Every diskcache call blocks, so all of them go through the
 C{run_blocking} callable, which in the service runs them in a thread pool of
 their own.
+
+A failing cache never fails a request: a lookup that fails is a miss, a
+store that fails is skipped, and the store reports itself degraded (one log
+line per change of state) until a blob is stored again.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +34,7 @@ from typing import IO, Any, Protocol, TypeVar
 import diskcache
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from txregistry.reference import Digest
 
@@ -105,6 +113,9 @@ class CacheStore:
 
     Until L{open} succeeds the store is unavailable: every lookup misses and
     nothing is stored, so requests are still served, straight from upstream.
+
+    @ivar evictions: entries evicted to keep under the size limit.
+    @ivar crashed: whether the last run ended without closing the store.
     """
 
     log = Logger()
@@ -115,10 +126,20 @@ class CacheStore:
         self._run = run_blocking
         self._cache: diskcache.Cache | None = None
         self.problem: str | None = "not opened yet"
+        self.evictions = 0
+        self.crashed = False
 
     @property
     def available(self) -> bool:
+        """Whether the cache is open; it may still be degraded."""
         return self._cache is not None
+
+    @property
+    def status(self) -> str:
+        """C{ok}, C{degraded} (open, but writes fail) or C{unavailable}."""
+        if self._cache is None:
+            return "unavailable"
+        return "degraded" if self.problem else "ok"
 
     @property
     def tmp_directory(self) -> Path:
@@ -133,14 +154,19 @@ class CacheStore:
             self.tmp_directory.mkdir(parents=True, exist_ok=True)
             for leftover in self.tmp_directory.iterdir():
                 leftover.unlink()
+            self.crashed = self._running_marker.exists()
+            self._running_marker.touch()
             self._cache = diskcache.Cache(
                 str(self.directory / "store"),
                 disk=_MovingDisk,
                 size_limit=self.size_limit,
                 eviction_policy="least-recently-used",
+                # Culling is done by cull(), after each store, so that every
+                # eviction is counted.
+                cull_limit=0,
             )
-        except (OSError, diskcache.Timeout) as e:
-            self.problem = f"cannot open cache in {self.directory}: {e}"
+        except Exception as e:
+            self.problem = f"cannot open the cache in {self.directory}: {e}"
             self.log.error("{problem}; serving without a cache", problem=self.problem)
             return
         self.problem = None
@@ -148,6 +174,22 @@ class CacheStore:
     def close(self) -> None:
         if self._cache is not None:
             self._cache.close()
+            self._running_marker.unlink(missing_ok=True)
+
+    @property
+    def _running_marker(self) -> Path:
+        return self.directory / "running"
+
+    def report_problem(self, problem: str) -> None:
+        """Writing to the cache failed: say so, once per change of state."""
+        if self.problem is None:
+            self.log.error("cache degraded: {problem}; serving without caching", problem=problem)
+        self.problem = problem
+
+    def _report_healthy(self) -> None:
+        if self.problem is not None and self._cache is not None:
+            self.log.info("cache healthy again: storing what is fetched")
+            self.problem = None
 
     # Blobs.
 
@@ -155,16 +197,21 @@ class CacheStore:
         """
         Create a file for a download in progress: an open file descriptor
         (for reading and writing) and its path.
+
+        @raise OSError: the file cannot be created; the store is degraded.
         """
-        fd, path = tempfile.mkstemp(
-            prefix=f"{digest.algorithm}-{digest.hex[:16]}.",
-            suffix=".partial",
-            dir=self.tmp_directory,
-        )
-        return fd, path
+        try:
+            return tempfile.mkstemp(
+                prefix=f"{digest.algorithm}-{digest.hex[:16]}.",
+                suffix=".partial",
+                dir=self.tmp_directory,
+            )
+        except OSError as e:
+            self.report_problem(f"cannot create a download file: {e.strerror or e}")
+            raise
 
     def open_blob(self, digest: Digest) -> Deferred[CachedBlob | None]:
-        return self._call(self._open_blob, digest)
+        return self._read(self._open_blob, digest)
 
     def _open_blob(self, cache: diskcache.Cache, digest: Digest) -> CachedBlob | None:
         key = _blob_key(digest)
@@ -181,23 +228,35 @@ class CacheStore:
             return None
         return CachedBlob(file, size)
 
-    def commit_blob(self, digest: Digest, path: str, size: int) -> Deferred[None]:
-        """Move a verified download into the cache."""
-        return self._call(self._commit_blob, digest, path, size)
+    def commit_blob(self, digest: Digest, path: str, size: int) -> Deferred[bool]:
+        """
+        Move a verified download into the cache.  Fires with whether it was
+        stored; if not, the file is still at C{path}.
+        """
+        stored = self._write(self._commit_blob, digest, path, size)
 
-    def _commit_blob(self, cache: diskcache.Cache, digest: Digest, path: str, size: int) -> None:
+        def done(evicted: int | None) -> bool:
+            if evicted is None:
+                return False
+            self.evictions += evicted
+            self._report_healthy()
+            return True
+
+        return stored.addCallback(done)
+
+    def _commit_blob(self, cache: diskcache.Cache, digest: Digest, path: str, size: int) -> int:
         with open(path, "rb") as f:
             # The entry must not point at data still only in the page cache.
             os.fsync(f.fileno())
         # diskcache's tag column holds the verified size, which lets a hit
         # be checked against its file without reading it.
         cache.set(_blob_key(digest), _VerifiedFile(path, size), tag=size)
-        cache.cull()
+        return int(cache.cull())
 
     # Manifests.
 
     def get_manifest(self, digest: Digest) -> Deferred[CachedManifest | None]:
-        return self._call(self._get_manifest, digest)
+        return self._read(self._get_manifest, digest)
 
     def _get_manifest(self, cache: diskcache.Cache, digest: Digest) -> CachedManifest | None:
         key = _manifest_key(digest)
@@ -207,44 +266,100 @@ class CacheStore:
                 return None
             media_type, body = value
             return CachedManifest(media_type, body)
-        except Exception:
+        except (ValueError, TypeError, EOFError, OSError, pickle.UnpicklingError):
             # A corrupt entry is a miss, and is removed.
             cache.delete(key)
             return None
 
-    def put_manifest(self, digest: Digest, manifest: CachedManifest) -> Deferred[None]:
-        return self._call(self._put_manifest, digest, manifest)
-
-    def _put_manifest(
-        self, cache: diskcache.Cache, digest: Digest, manifest: CachedManifest
-    ) -> None:
-        cache.set(_manifest_key(digest), (manifest.media_type, manifest.body))
+    def put_manifest(self, digest: Digest, manifest: CachedManifest) -> Deferred[int | None]:
+        return self._count_evictions(
+            self._write(
+                self._put_value, _manifest_key(digest), (manifest.media_type, manifest.body)
+            )
+        )
 
     # Tags.
 
     def get_tag(self, key: str) -> Deferred[TagEntry | None]:
-        return self._call(self._get_tag, key)
+        return self._read(self._get_tag, key)
 
     def _get_tag(self, cache: diskcache.Cache, key: str) -> TagEntry | None:
         try:
             value = cache.get("tag/" + key)
             return None if value is None else TagEntry(*value)
-        except Exception:
+        except (ValueError, TypeError, EOFError, OSError):
             cache.delete("tag/" + key)
             return None
 
-    def put_tag(self, key: str, entry: TagEntry) -> Deferred[None]:
-        return self._call(self._put_tag, key, entry)
+    def put_tag(self, key: str, entry: TagEntry) -> Deferred[int | None]:
+        value = (entry.digest, entry.media_type, entry.size, entry.checked_at)
+        return self._count_evictions(self._write(self._put_value, "tag/" + key, value))
 
-    def _put_tag(self, cache: diskcache.Cache, key: str, entry: TagEntry) -> None:
-        cache.set("tag/" + key, (entry.digest, entry.media_type, entry.size, entry.checked_at))
+    def _put_value(self, cache: diskcache.Cache, key: str, value: Any) -> int:
+        cache.set(key, value)
+        return int(cache.cull())
 
-    def _call(self, f: Callable[..., T], *args: Any) -> Deferred[T | None]:
+    def _count_evictions(self, stored: Deferred[int | None]) -> Deferred[int | None]:
+        def count(evicted: int | None) -> int | None:
+            self.evictions += evicted or 0
+            return evicted
+
+        return stored.addCallback(count)
+
+    # Upkeep.
+
+    def repair(self) -> Deferred[int | None]:
         """
-        Run a diskcache operation off the reactor thread.  Without a cache,
-        lookups miss and stores do nothing.
+        After a crash: remove files that no entry names (a crash between a
+        blob being moved into the store and its entry being written) and
+        entries whose file is gone.  Entries are only ever written after
+        their file is complete, so nothing else can be half-done.
         """
+        return self._write(self._repair)
+
+    def _repair(self, cache: diskcache.Cache) -> int:
+        # check() records its findings as warnings and returns them.
+        problems = cache.check(fix=True)
+        fixed = [
+            str(w.message)
+            for w in problems
+            if str(w.message).startswith(("unknown file", "file not found"))
+        ]
+        self.log.info(
+            "checked the cache after an unclean stop: {count} problems fixed", count=len(fixed)
+        )
+        return len(fixed)
+
+    def volume(self) -> Deferred[int | None]:
+        """The bytes the cache holds on disk, index included."""
+        return self._read(lambda cache: int(cache.volume()))
+
+    def entries(self) -> Deferred[int | None]:
+        return self._read(lambda cache: len(cache))
+
+    # Running diskcache calls.
+
+    def _read(self, f: Callable[..., T], *args: Any) -> Deferred[T | None]:
+        """Run a lookup off the reactor thread; a failed lookup is a miss."""
+        return self._call(f, args, write=False)
+
+    def _write(self, f: Callable[..., T], *args: Any) -> Deferred[T | None]:
+        """Run a store off the reactor thread; a failed store is skipped."""
+        return self._call(f, args, write=True)
+
+    def _call(self, f: Callable[..., T], args: tuple[Any, ...], write: bool) -> Deferred[T | None]:
         cache = self._cache
         if cache is None:
             return succeed(None)
-        return self._run(f, cache, *args)
+
+        def failed(failure: Failure) -> None:
+            operation = getattr(f, "__name__", "operation").strip("_").replace("_", " ")
+            problem = f"{operation} failed: {failure.getErrorMessage()}"
+            if write:
+                self.report_problem(problem)
+            else:
+                self.log.warn("cache {problem}; treating it as a miss", problem=problem)
+            return None
+
+        result: Deferred[T | None] = self._run(f, cache, *args)
+        return result.addErrback(failed)

@@ -50,7 +50,14 @@ from txregistry.httpclient import (
     read_body,
     within,
 )
-from txregistry.mirrors import MirrorSet, Outcome, UpstreamRefused, UpstreamUnavailable, conclude
+from txregistry.mirrors import (
+    MirrorSet,
+    Outcome,
+    UpstreamOffline,
+    UpstreamRefused,
+    UpstreamUnavailable,
+    conclude,
+)
 from txregistry.reference import Digest
 
 T = TypeVar("T")
@@ -164,6 +171,8 @@ class Upstream:
     def __init__(self, registry: RegistryConfig, agent: IAgent, clock: IReactorTime) -> None:
         self.registry = registry
         self.mirrors = MirrorSet(registry, clock)
+        # In offline mode no upstream is asked; an admin request can switch it.
+        self.offline = registry.offline
         self._clock = clock
         self._timeout = registry.upstream.response_timeout
         self._agent = RedirectAgent(agent, redirectLimit=5)
@@ -182,6 +191,7 @@ class Upstream:
         what: str,
         headers: dict[bytes, bytes] | None = None,
         by_digest: bool = False,
+        start_with: str | None = None,
     ) -> UpstreamResponse:
         """
         Ask the mirrors, in order, for C{/v2/<repository>/<path>}.
@@ -190,6 +200,7 @@ class Upstream:
         @param by_digest: whether the content asked for is addressed by a
             digest that will be checked, so that digest-only mirrors may
             be asked too.
+        @param start_with: the URL of a mirror to ask first.
         @raise UpstreamNotFound: the upstream says it does not exist.
         @raise UpstreamRefused: every mirror refused (401, 403, 429).
         @raise UpstreamUnavailable: no mirror gave a usable answer.
@@ -198,7 +209,7 @@ class Upstream:
         async def attempt(mirror: MirrorConfig) -> UpstreamResponse:
             return await self._ask(mirror, method, repository, path, headers or {})
 
-        return await self._across_mirrors(what, attempt, by_digest)
+        return await self._across_mirrors(what, attempt, by_digest, start_with)
 
     async def manifest(
         self,
@@ -235,16 +246,25 @@ class Upstream:
 
     def describe(self) -> dict[str, Any]:
         """This registry's upstream state for C{/health}: no secrets."""
-        description: dict[str, Any] = {"mirrors": self.mirrors.describe()}
+        description: dict[str, Any] = {
+            "offline": self.offline,
+            "mirrors": self.mirrors.describe(),
+        }
         if self.registry.credentials is not None:
             description["user"] = self.registry.credentials.username
         return description
 
     async def _across_mirrors(
-        self, what: str, attempt: Callable[[MirrorConfig], Awaitable[T]], by_digest: bool
+        self,
+        what: str,
+        attempt: Callable[[MirrorConfig], Awaitable[T]],
+        by_digest: bool,
+        start_with: str | None = None,
     ) -> T:
+        if self.offline:
+            raise UpstreamOffline(self.registry.name)
         outcomes: list[Outcome] = []
-        for state in self.mirrors.to_try(by_digest):
+        for state in self.mirrors.to_try(by_digest, start_with):
             try:
                 result = await attempt(state.mirror)
             except _MirrorFailed as e:

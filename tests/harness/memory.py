@@ -78,6 +78,8 @@ class FakeRegistry(Resource):
     token_credentials: str | None = None
     # USER:PASSWORD the registry itself requires as Basic auth, if any.
     require_basic: str | None = None
+    # Whether "Range: bytes=N-" on a blob gets a 206, or is ignored.
+    honor_range: bool = True
     tokens_issued: list[str] = field(default_factory=list)
     # Called first with each request; a non-None result is the response body,
     # or NOT_DONE_YET for a response the test writes itself.
@@ -112,13 +114,19 @@ class FakeRegistry(Resource):
     def hold_blob(self, digest: str) -> list[Request]:
         """
         Make GETs of a blob send only their headers: the test writes the
-        body, in whatever pieces it likes, to the requests returned.
+        body, in whatever pieces it likes, to the requests returned.  A GET
+        with a Range gets a 206 for the rest of the blob.
         """
         held: list[Request] = []
 
         def hold(request: Request) -> int | None:
             if request.method == b"GET" and request.path.endswith(f"/blobs/{digest}".encode()):
-                request.setHeader(b"Content-Length", str(len(self.blobs[digest])).encode())
+                size = len(self.blobs[digest])
+                start = _range_start(request) if self.honor_range else None
+                if start is not None:
+                    request.setResponseCode(206)
+                    request.setHeader(b"Content-Range", f"bytes {start}-{size - 1}/{size}".encode())
+                request.setHeader(b"Content-Length", str(size - (start or 0)).encode())
                 request.write(b"")
                 held.append(request)
                 return NOT_DONE_YET
@@ -176,6 +184,13 @@ class FakeRegistry(Resource):
                 )
             request.setHeader(b"Content-Type", b"application/octet-stream")
             request.setHeader(b"Docker-Content-Digest", ref.encode())
+            start = _range_start(request) if self.honor_range else None
+            if start is not None:
+                request.setResponseCode(206)
+                request.setHeader(
+                    b"Content-Range", f"bytes {start}-{len(blob) - 1}/{len(blob)}".encode()
+                )
+                return blob[start:]
             return blob
         digest = (
             ref if ":" in ref else self._resolve(name, ref, request.getHeader(b"accept") or b"")
@@ -259,6 +274,11 @@ class FaultyAgent:
 
     def to(self, host: str) -> list[Sent]:
         return [s for s in self.sent if URI.fromBytes(s.url.encode()).host.decode() == host]
+
+
+def _range_start(request: Request) -> int | None:
+    match = re.fullmatch(rb"bytes=(\d+)-", request.getHeader(b"range") or b"")
+    return int(match[1]) if match else None
 
 
 def _has_basic(request: Request, user_password: str) -> bool:
@@ -395,6 +415,7 @@ class MemoryRegistry:
         tag_ttl: float = 300.0,
         size_limit: int = 1 << 30,
         hosts: dict[str, Resource] | None = None,
+        **cache: Any,
     ) -> None:
         """
         @param upstream: answers for every host not in C{hosts}.
@@ -413,9 +434,9 @@ class MemoryRegistry:
         ]
         self.store = CacheStore(tmp_path / "cache", size_limit, run_now)
         self.store.open()
-        self.cache_config = CacheConfig(tmp_path / "cache", size_limit, tag_ttl)
+        self.cache_config = CacheConfig(tmp_path / "cache", size_limit, tag_ttl, **cache)
         self.upstreams = {r.name: Upstream(r, self.agent, self.clock) for r in self.registries}
-        self.cache = PullThroughCache(self.store, self.upstreams, self.clock, tag_ttl)
+        self.cache = PullThroughCache(self.store, self.upstreams, self.clock, self.cache_config)
         resource = RegistryResource(
             Router(self.registries), self.cache, lambda: (200, {"status": "ok"})
         )

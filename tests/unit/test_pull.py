@@ -11,7 +11,7 @@ import os
 import pytest
 from harness.memory import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, FakeRegistry, MemoryRegistry
 
-from txregistry.config import MirrorConfig, RegistryConfig
+from txregistry.config import MirrorConfig, RegistryConfig, UpstreamConfig
 from txregistry.reference import Digest
 
 MANIFEST = json.dumps(
@@ -259,7 +259,14 @@ class TestBlobs:
         assert registry.store.open_blob(Digest.parse(digest)).result is None
         assert list(registry.store.tmp_directory.iterdir()) == []
 
-    def test_cut_connection_aborts_the_client_and_is_not_cached(self, registry):
+    def test_cut_connection_without_resuming_aborts_the_client(self, tmp_path):
+        no_resume = RegistryConfig(
+            "docker.io",
+            (MirrorConfig("https://registry-1.docker.io"),),
+            default=True,
+            upstream=UpstreamConfig(resume_attempts=0),
+        )
+        registry = MemoryRegistry(tmp_path, registries=[no_resume])
         blob = os.urandom(100_000)
         client, held, digest = start_held_pull(registry, blob)
         held.write(blob[:60_000])

@@ -118,7 +118,7 @@ def test_unusable_directory_leaves_the_store_unavailable(tmp_path):
     store = CacheStore(blocker / "cache", 1 << 30, run_now)
     store.open()
     assert not store.available
-    assert "cannot open cache" in store.problem and str(blocker) in store.problem
+    assert "cannot open the cache" in store.problem and str(blocker) in store.problem
     assert result(store.open_blob(Digest.of(b"x"))) is None
     assert result(store.get_manifest(Digest.of(b"x"))) is None
     assert result(store.put_manifest(Digest.of(b"x"), CachedManifest("t", b"x"))) is None
