@@ -470,6 +470,7 @@ class StreamThrough(Protocol):
 
     def connectionMade(self) -> None:
         self._request.registerProducer(self, True)
+        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
 
     def dataReceived(self, data: bytes) -> None:
         if self._client_gone:
@@ -509,6 +510,8 @@ class StreamThrough(Protocol):
             IPushProducer(self.transport).resumeProducing()
 
     def stopProducing(self) -> None:
+        if self._client_gone:
+            return
         self._client_gone = True
         if self.transport is not None:
             IPushProducer(self.transport).stopProducing()

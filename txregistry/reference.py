@@ -110,10 +110,17 @@ def validate_name(name: str) -> str:
     return name
 
 
+_HOST_RE = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::\d{1,5})?"
+)
+
+
 def looks_like_registry_host(component: str) -> bool:
     """
     Whether the first component of an image name is a registry host rather
     than a namespace: the rule Docker uses to read ``ghcr.io/org/img`` and
-    ``localhost:5000/img`` (distribution ``reference.splitDockerDomain``).
+    ``localhost:5000/img`` (distribution ``reference.splitDockerDomain``),
+    for components that are host names at all (``..`` is not).
     """
-    return "." in component or ":" in component or component == "localhost"
+    is_host = _HOST_RE.fullmatch(component) is not None
+    return is_host and ("." in component or ":" in component or component == "localhost")

@@ -16,7 +16,8 @@ from typing import Any, cast
 from urllib.parse import urlencode
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
@@ -35,7 +36,7 @@ from txregistry.proxy import (
     PullThroughCache,
 )
 from txregistry.routing import Kind, Route, Router, push_unsupported
-from txregistry.sender import CompleteFile, FileSender, abort_connection
+from txregistry.sender import ByteSource, CompleteFile, FileSender, abort_connection
 
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 _READ_METHODS = (b"GET", b"HEAD")
@@ -165,15 +166,12 @@ class RegistryResource(Resource):
         exchange.set("Docker-Content-Digest", str(route.digest))
         exchange.set("X-Cache", answer.cache)
         if isinstance(answer, BlobHit):
-            self._send_cached_blob(exchange, answer)
+            blob = answer.blob
+            _send_file(exchange, CompleteFile(blob.file, blob.size), blob.size)
         elif isinstance(answer, BlobFilling):
-            if answer.fill.expected_size is not None:
-                exchange.set("Content-Length", answer.fill.expected_size)
-            if exchange.head or exchange.gone:
-                answer.fill.release()
-                exchange.finish()
-            else:
-                FileSender(answer.fill, request).begin()
+            # A range inside the bytes already received is sent at once; any
+            # other waits for the bytes it needs.
+            _send_file(exchange, answer.fill, answer.fill.expected_size)
         elif isinstance(answer, BlobStream):
             length = answer.response.content_length
             if length is not None:
@@ -187,26 +185,6 @@ class RegistryResource(Resource):
             if answer.size is not None:
                 exchange.set("Content-Length", answer.size)
             exchange.finish()
-
-    def _send_cached_blob(self, exchange: _Exchange, answer: BlobHit) -> None:
-        blob = answer.blob
-        exchange.set("Accept-Ranges", "bytes")
-        try:
-            byte_range = parse_range(exchange.request.getHeader(b"range"), blob.size)
-        except RegistryError as e:
-            blob.file.close()
-            _send_error(exchange, e)
-            return
-        start, end = byte_range or (0, blob.size)
-        if byte_range is not None:
-            exchange.request.setResponseCode(206)
-            exchange.set("Content-Range", f"bytes {start}-{end - 1}/{blob.size}")
-        exchange.set("Content-Length", end - start)
-        if exchange.head or exchange.gone:
-            blob.file.close()
-            exchange.finish()
-            return
-        FileSender(CompleteFile(blob.file, blob.size), exchange.request, start, end).begin()
 
     async def _pass_through(self, exchange: _Exchange, route: Route) -> None:
         path = (
@@ -245,18 +223,28 @@ class RegistryResource(Resource):
 
 class RegistryChannel(HTTPChannel):
     """
-    An HTTP connection that turns away a TLS handshake at once.
+    An HTTP connection that turns away a TLS handshake at once, and gives a
+    client C{header_timeout} seconds from a request's first byte to finish
+    its headers.
 
     Clients told that a registry is "insecure" (docker, containerd, podman,
     skopeo) try HTTPS first and fall back to HTTP.  A plain HTTP parser would
     wait for a line end that a TLS ClientHello never sends, and each client
     would stall until its handshake timeout (10 seconds in Go).  Closing the
     connection makes them fall back immediately.
+
+    Twisted's own idle timeout restarts with every byte, so a client that
+    trickles its headers a byte at a time (slowloris) would hold a
+    connection for ever without the header deadline.
     """
 
     _TLS_HANDSHAKE_RECORD = 0x16  # RFC 8446 section 5.1; no HTTP method starts so
 
+    log = Logger()
+    header_timeout = 30.0
     _first_data = True
+    _header_timer: IDelayedCall | None = None
+    _in_request = False
 
     def dataReceived(self, data: bytes) -> None:
         if self._first_data and data:
@@ -265,7 +253,48 @@ class RegistryChannel(HTTPChannel):
                 assert self.transport is not None
                 cast(ITCPTransport, self.transport).abortConnection()
                 return
+        if self._header_timer is None and not self._in_request and data:
+            self._header_timer = self.callLater(self.header_timeout, self._headers_too_slow)
         super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._stop_header_timer()
+        self._in_request = True
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Request) -> None:
+        super().requestDone(request)
+        self._in_request = False
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_header_timer()
+        super().connectionLost(reason)
+
+    def _stop_header_timer(self) -> None:
+        if self._header_timer is not None and self._header_timer.active():
+            self._header_timer.cancel()
+        self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        assert self.transport is not None
+        self.log.info(
+            "client {peer} sent no complete request headers within {timeout}s; disconnecting",
+            peer=str(self.transport.getPeer()),
+            timeout=self.header_timeout,
+        )
+        self._refuse(b"408 Request Timeout")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # Twisted would just close the connection: say why first.
+        self._refuse(b"431 Request Header Fields Too Large")
+
+    def _refuse(self, status: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(
+            b"HTTP/1.1 " + status + b"\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        )
+        self.transport.loseConnection()
 
 
 class RegistrySite(Site):
@@ -274,6 +303,47 @@ class RegistrySite(Site):
     # A plain HTTPChannel, which is what Twisted's HTTPFactory used before it
     # grew HTTP/2 switching; txregistry speaks HTTP/1.1 only.
     protocol = RegistryChannel  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        resource: Resource,
+        header_timeout: float = 30.0,
+        idle_timeout: float = 300.0,
+        reactor: Any = None,
+    ) -> None:
+        super().__init__(resource, timeout=idle_timeout, reactor=reactor)
+        self.header_timeout = header_timeout
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        channel.header_timeout = self.header_timeout
+        return channel
+
+
+def _send_file(exchange: _Exchange, source: ByteSource, size: int | None) -> None:
+    """
+    Send a file (cached, or still downloading), or the range of it the
+    client asked for.  Takes over the caller's reference to C{source}.
+    """
+    start, end = 0, size
+    if size is not None:
+        exchange.set("Accept-Ranges", "bytes")
+        try:
+            byte_range = parse_range(exchange.request.getHeader(b"range"), size)
+        except RegistryError as e:
+            source.release()
+            _send_error(exchange, e)
+            return
+        if byte_range is not None:
+            start, end = byte_range
+            exchange.request.setResponseCode(206)
+            exchange.set("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        exchange.set("Content-Length", (end or 0) - start)
+    if exchange.head or exchange.gone:
+        source.release()
+        exchange.finish()
+        return
+    FileSender(source, exchange.request, start, end).begin()
 
 
 def _json(request: Request, document: Any) -> bytes:

@@ -124,6 +124,9 @@ class FileSender:
         """Start sending; the response headers must already be set."""
         self._source.subscribe(self)
         self._request.registerProducer(self, True)
+        # The transport normally tells us the client went away, through
+        # stopProducing; this covers any that does not.
+        self._request.notifyFinish().addErrback(lambda _: self._close())
         self.more_data()
 
     # IPushProducer, driven by the client's transport.

@@ -20,6 +20,7 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IHostnameResolver,
     IListeningPort,
@@ -32,9 +33,11 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.iweb import IAgent
+from twisted.web.server import Site
 
 from txregistry import __version__
-from txregistry.config import Config, RegistryConfig
+from txregistry.admin import AdminResource
+from txregistry.config import Config, ConfigError, RegistryConfig
 from txregistry.endpoints import MirrorTLSPolicy, upstream_agent
 from txregistry.proxy import PullThroughCache
 from txregistry.resource import RegistryResource, RegistrySite
@@ -92,6 +95,16 @@ class Listener(Service):
         return None
 
 
+def _endpoint(reactor: Any, key: str, index: int, description: str) -> IStreamServerEndpoint:
+    try:
+        endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
+        return endpoint
+    except Exception as e:
+        raise ConfigError(
+            f"{key}[{index}]", f"{description!r} is not a valid endpoint description: {e}"
+        ) from None
+
+
 def _address(port: IListeningPort) -> str:
     host = port.getHost()
     if isinstance(host, (IPv4Address, IPv6Address)):
@@ -105,16 +118,13 @@ class RegistryService(MultiService):
     log = Logger()
 
     def __init__(
-        self,
-        config: Config,
-        reactor: Any,
-        endpoints: list[IStreamServerEndpoint],
-        resolver: IHostnameResolver | None = None,
+        self, config: Config, reactor: Any, resolver: IHostnameResolver | None = None
     ) -> None:
         """
         @param resolver: resolves upstream host names; the reactor's own
             unless a test injects one.
-        @raise ConfigError: for a C{ca_file} that holds no certificate.
+        @raise ConfigError: for a listen description Twisted cannot parse, or
+            a C{ca_file} that holds no certificate.
         """
         super().__init__()
         self.config = config
@@ -132,14 +142,28 @@ class RegistryService(MultiService):
             for r in config.registries
         }
         self.cache = PullThroughCache(self.store, self.upstreams, clock, config.cache)
+        router = Router(config.registries)
+        server = config.server
         self.site = RegistrySite(
-            RegistryResource(Router(config.registries), self.cache, self.health)
+            RegistryResource(router, self.cache, self.health),
+            header_timeout=server.header_timeout,
+            idle_timeout=server.idle_timeout,
+            reactor=reactor,
         )
+        self.admin_site = Site(AdminResource(router, self.upstreams), reactor=reactor)
         self.listeners = [
-            Listener(description, endpoint, self.site)
-            for description, endpoint in zip(config.server.listen, endpoints, strict=True)
+            Listener(description, _endpoint(reactor, "server.listen", i, description), self.site)
+            for i, description in enumerate(server.listen)
         ]
-        for listener in self.listeners:
+        self.admin_listeners = [
+            Listener(
+                description,
+                _endpoint(reactor, "server.admin_listen", i, description),
+                self.admin_site,
+            )
+            for i, description in enumerate(server.admin_listen)
+        ]
+        for listener in self.listeners + self.admin_listeners:
             listener.setServiceParent(self)
         self.ready = False
 
@@ -160,6 +184,10 @@ class RegistryService(MultiService):
         self.store.open()
         if self.store.available:
             self.log.info("cache open in {directory}", directory=str(self.config.cache.directory))
+            if self.store.crashed:
+                # In the background: the store serves meanwhile, and nothing
+                # it holds can be half-written (see CacheStore.repair).
+                self.store.repair()
         super().startService()
         self._reactor.callWhenRunning(self._announce_ready)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import IService
-from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from txregistry.config import Config, ConfigError, default_config, load_config
@@ -39,18 +38,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor
     config = options.loaded
-    endpoints = []
-    for i, description in enumerate(config.server.listen):
-        try:
-            endpoints.append(serverFromString(reactor, description))
-        except Exception as e:
-            where = f"{config.source}: " if config.source else ""
-            raise SystemExit(
-                f"txregistry: config error: {where}server.listen[{i}]:"
-                f" {description!r} is not a valid endpoint description: {e}"
-            ) from None
     try:
-        return RegistryService(config, reactor, endpoints)
+        return RegistryService(config, reactor)
     except ConfigError as e:
         where = f"{config.source}: " if config.source else ""
         raise SystemExit(f"txregistry: config error: {where}{e}") from None

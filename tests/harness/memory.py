@@ -397,9 +397,13 @@ class Client:
         return Response(status, headers, body, complete, bool(self.transport.disconnected))
 
     def disconnect(self) -> None:
+        """The client goes away, as a real TCP transport reports it."""
         from twisted.internet.error import ConnectionLost
         from twisted.python.failure import Failure
 
+        self.transport.disconnected = True
+        if self.transport.producer is not None:
+            self.transport.producer.stopProducing()
         self.channel.connectionLost(Failure(ConnectionLost()))
         self._pump()
 
@@ -440,7 +444,9 @@ class MemoryRegistry:
         resource = RegistryResource(
             Router(self.registries), self.cache, lambda: (200, {"status": "ok"})
         )
-        self.site = RegistrySite(resource, reactor=MemoryReactorClock())
+        # The clock of client connections: header and idle timeouts.
+        self.site_clock = MemoryReactorClock()
+        self.site = RegistrySite(resource, header_timeout=30.0, reactor=self.site_clock)
 
     def pump(self) -> None:
         """Move bytes between txregistry and the fake upstream until nothing moves."""

@@ -41,6 +41,7 @@ def start_in_front_of(tmp_path: Path, upstream_url: str) -> tuple[Process, Path,
         f"""
         [server]
         listen = ["tcp:0:interface=127.0.0.1"]
+        admin_listen = ["tcp:0:interface=127.0.0.1"]
         [cache]
         directory = "{tmp_path / "cache"}"
         [[registry]]

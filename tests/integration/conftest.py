@@ -21,7 +21,6 @@ from harness.processes import Process
 from harness.registry import DistributionRegistry
 from harness.skopeo import Skopeo
 from twisted.internet import reactor
-from twisted.internet.endpoints import serverFromString
 
 from txregistry.config import CacheConfig, Config, RegistryConfig, ServerConfig
 from txregistry.service import RegistryService
@@ -253,14 +252,14 @@ def start_txregistry(tmp_path) -> Iterator:
         directory: Path | None = None,
         reactor: Any = reactor,
         resolver: Any = None,
+        admin_listen: tuple[str, ...] = (),
     ) -> Running:
         config = Config(
-            server=ServerConfig(listen=("tcp:0:interface=127.0.0.1",)),
+            server=ServerConfig(listen=("tcp:0:interface=127.0.0.1",), admin_listen=admin_listen),
             cache=CacheConfig(directory or tmp_path / f"cache{len(started)}", 1 << 30, tag_ttl),
             registries=registries,
         )
-        endpoints = [serverFromString(reactor, d) for d in config.server.listen]
-        service = RegistryService(config, reactor, endpoints, resolver)
+        service = RegistryService(config, reactor, resolver)
         service.privilegedStartService()
         service.startService()
         started.append(service)

@@ -25,11 +25,7 @@ def service_for(tmp_path: Path, *registries: RegistryConfig) -> RegistryService:
         cache=CacheConfig(tmp_path / "cache"),
         registries=registries,
     )
-    reactor = MemoryReactorClock()
-    from twisted.internet.endpoints import serverFromString
-
-    endpoints = [serverFromString(reactor, d) for d in config.server.listen]
-    return RegistryService(config, reactor, endpoints)
+    return RegistryService(config, MemoryReactorClock())
 
 
 def test_one_listener_per_description(tmp_path):
@@ -37,7 +33,12 @@ def test_one_listener_per_description(tmp_path):
         tmp_path, RegistryConfig("docker.io", (MirrorConfig("https://r.example"),))
     )
     listeners = [s for s in service if isinstance(s, Listener)]
-    assert [listener.description for listener in listeners] == ["tcp:5050", "tcp:5443"]
+    assert [listener.description for listener in listeners] == [
+        "tcp:5050",
+        "tcp:5443",
+        "tcp:5051:interface=127.0.0.1",
+    ]
+    assert listeners[-1] in service.admin_listeners
     assert all(listener.parent is service for listener in listeners)
 
 

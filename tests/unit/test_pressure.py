@@ -1,0 +1,219 @@
+"""
+The cache under pressure, in memory: least-recently-used eviction on a
+Clock, a reader that outlives its blob's eviction, a full disk, an
+unwritable directory, a crash, and a restart.
+"""
+
+import errno
+import functools
+import json
+import os
+
+import diskcache
+import pytest
+from harness.memory import OCI_MANIFEST, BufferedTransport, MemoryRegistry, run_now
+from twisted.internet.task import Clock
+
+from txregistry import fill as fill_module
+from txregistry import proxy as proxy_module
+from txregistry.reference import Digest
+from txregistry.store import CacheStore
+
+MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}).encode()
+BLOB_SIZE = 200_000
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """diskcache's idea of the time (its LRU order), on a Clock."""
+    clock = Clock()
+    clock.advance(1_000)
+
+    class Time:
+        @staticmethod
+        def time():
+            return clock.seconds()
+
+    monkeypatch.setattr(diskcache.core, "time", Time)
+    return clock
+
+
+def blobs(registry, count):
+    return [registry.upstream.add_blob(os.urandom(BLOB_SIZE)) for _ in range(count)]
+
+
+def cached(registry, digest):
+    found = registry.store.open_blob(Digest.parse(digest)).result
+    if found is not None:
+        found.file.close()
+    return found is not None
+
+
+def test_least_recently_used_blob_is_evicted_first(tmp_path, clock):
+    # Room for two blobs and the index, not three.
+    registry = MemoryRegistry(tmp_path, size_limit=2 * BLOB_SIZE + 100_000)
+    a, b, c = blobs(registry, 3)
+    registry.get(f"/v2/x/blobs/{a}")
+    clock.advance(1)
+    registry.get(f"/v2/x/blobs/{b}")
+    clock.advance(1)
+    assert registry.get(f"/v2/x/blobs/{a}").headers["x-cache"] == "HIT"  # a is used again
+    clock.advance(1)
+    registry.get(f"/v2/x/blobs/{c}")
+    assert (cached(registry, a), cached(registry, b), cached(registry, c)) == (True, False, True)
+    assert registry.store.evictions == 1
+
+
+def test_blob_being_read_survives_its_own_eviction(tmp_path, clock):
+    registry = MemoryRegistry(tmp_path, size_limit=2 * BLOB_SIZE + 100_000)
+    a, b, c = blobs(registry, 3)
+    registry.get(f"/v2/x/blobs/{a}")
+    slow = BufferedTransport(16 * 1024)
+    reader = registry.client(slow)
+    clock.advance(1)
+    reader.send("GET", f"/v2/x/blobs/{a}")
+    assert slow.paused
+    for digest in (b, c):
+        clock.advance(1)
+        registry.get(f"/v2/x/blobs/{digest}")
+    assert not cached(registry, a), "a was evicted while being read"
+    for _ in range(200):
+        slow.drain()
+    assert reader.response().body == registry.upstream.blobs[a]
+    assert reader.response().headers["x-cache"] == "HIT"
+
+
+def test_manifests_and_tags_count_towards_the_limit(tmp_path, clock):
+    registry = MemoryRegistry(tmp_path, size_limit=60_000)
+    big = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "pad": "x" * 40_000}).encode()
+    registry.upstream.add_manifest("library/a", "1", big)
+    registry.upstream.add_manifest("library/b", "1", big.replace(b"x", b"y"))
+    registry.get("/v2/a/manifests/1")
+    clock.advance(1)
+    registry.get("/v2/b/manifests/1")
+    assert registry.store.evictions >= 1
+    assert registry.store.volume().result <= 60_000 + 40_000
+
+
+def failing_disk(monkeypatch, after: int):
+    """Make downloads' files fail to grow past C{after} bytes, as a full disk would."""
+    write = fill_module.BlobFill._write_to_disk
+
+    def write_until_full(self, data):
+        if self._on_disk + len(data) > after:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(self, data)
+
+    monkeypatch.setattr(fill_module.BlobFill, "_write_to_disk", write_until_full)
+
+
+def test_full_disk_still_serves_the_whole_verified_blob_uncached(tmp_path, monkeypatch, logs):
+    registry = MemoryRegistry(tmp_path)
+    failing_disk(monkeypatch, after=50_000)
+    first, second = blobs(registry, 2)
+    for digest in (first, second):
+        response = registry.get(f"/v2/x/blobs/{digest}")
+        assert (response.body, response.complete) == (registry.upstream.blobs[digest], True)
+        assert not cached(registry, digest)
+    assert registry.store.status == "degraded"
+    assert len(logs.matching("cache degraded: cannot write to the cache: No space left")) == 1
+    assert list(registry.store.tmp_directory.iterdir()) == []
+
+    monkeypatch.undo()
+    third = blobs(registry, 1)[0]
+    registry.get(f"/v2/x/blobs/{third}")
+    assert cached(registry, third) and registry.store.status == "ok"
+    assert len(logs.matching("cache healthy again")) == 1
+
+
+def test_relaying_waits_for_the_slowest_client(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        proxy_module,
+        "FillPolicy",
+        functools.partial(fill_module.FillPolicy, relay_window=64 * 1024),
+    )
+    holds = []
+    hold = fill_module.FillFromResponse.hold
+    monkeypatch.setattr(
+        fill_module.FillFromResponse,
+        "hold",
+        lambda self, held: holds.append(held) or hold(self, held),
+    )
+    registry = MemoryRegistry(tmp_path)
+    failing_disk(monkeypatch, after=0)
+    digest = blobs(registry, 1)[0]
+    held = registry.upstream.hold_blob(digest)
+    slow = BufferedTransport(16 * 1024)
+    client = registry.client(slow)
+    client.send("GET", f"/v2/x/blobs/{digest}")
+    blob = registry.upstream.blobs[digest]
+    held[0].write(blob[:150_000])
+    registry.pump()
+    assert holds[-1] is True, "the download was paused for the slow client"
+    for _ in range(50):
+        slow.drain()
+    assert holds[-1] is False, "and resumed as it caught up"
+    held[0].write(blob[150_000:])
+    held[0].finish()
+    registry.pump()
+    for _ in range(50):
+        slow.drain()
+    assert client.response().body == blob and not cached(registry, digest)
+
+
+def test_unwritable_download_directory_streams_through(tmp_path, logs):
+    registry = MemoryRegistry(tmp_path)
+    digest = blobs(registry, 1)[0]
+    tmp = registry.store.tmp_directory
+    tmp.rmdir()
+    tmp.write_text("not a directory")
+    response = registry.get(f"/v2/x/blobs/{digest}")
+    assert (response.body, response.complete, response.headers["x-cache"]) == (
+        registry.upstream.blobs[digest],
+        True,
+        "MISS",
+    )
+    assert registry.store.status == "degraded"
+    assert logs.matching("cache degraded: cannot create a download file")
+
+
+def test_restart_keeps_the_cache_and_the_first_pull_is_a_hit(tmp_path):
+    before = MemoryRegistry(tmp_path)
+    before.upstream.add_manifest("library/alpine", "1", MANIFEST)
+    digest = blobs(before, 1)[0]
+    before.get("/v2/alpine/manifests/1")
+    before.get(f"/v2/alpine/blobs/{digest}")
+    before.store.close()
+
+    after = MemoryRegistry(tmp_path)
+    assert after.store.crashed is False
+    assert after.get("/v2/alpine/manifests/1").headers["x-cache"] == "HIT"
+    assert after.get(f"/v2/alpine/blobs/{digest}").headers["x-cache"] == "HIT"
+    assert after.agent.sent == []
+
+
+def test_a_crash_is_repaired_at_the_next_start(tmp_path, logs):
+    store = CacheStore(tmp_path, 1 << 30, run_now)
+    store.open()
+    data = b"kept" * 10_000
+    fd, path = store.new_temp_file(Digest.of(data))
+    os.write(fd, data)
+    os.close(fd)
+    store.commit_blob(Digest.of(data), path, len(data))
+    # A crash between a blob's file being moved in and its entry written:
+    orphan = tmp_path / "store" / "ab" / "cd" / "orphan.val"
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"half a blob")
+    leftover = store.tmp_directory / "sha256-0000.partial"
+    leftover.write_bytes(b"an interrupted download")
+    # ... and no close().
+
+    again = CacheStore(tmp_path, 1 << 30, run_now)
+    again.open()
+    assert again.crashed and not leftover.exists()
+    assert again.repair().result == 1
+    assert not orphan.exists()
+    blob = again.open_blob(Digest.of(data)).result
+    assert blob.file.read() == data
+    blob.file.close()
+    assert logs.matching("checked the cache after an unclean stop: 1 problems fixed")

@@ -1,0 +1,66 @@
+"""
+Admin requests, served only on C{[server] admin_listen} (loopback by
+default), never on the registry's own listeners.
+
+    GET  /admin/registries                   each registry's runtime state
+    POST /admin/registries/<name>/offline    serve only what is cached
+    POST /admin/registries/<name>/online     ask the upstream again
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from txregistry.routing import Router
+from txregistry.upstream import Upstream
+
+
+class AdminResource(Resource):
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, router: Router, upstreams: dict[str, Upstream]) -> None:
+        super().__init__()
+        self._router = router
+        self._upstreams = upstreams
+
+    def render(self, request: Request) -> bytes:
+        parts = request.path.decode("ascii", "replace").strip("/").split("/")
+        if parts == ["admin", "registries"] and request.method == b"GET":
+            return _json(request, 200, {"registries": self._states()})
+        if (
+            len(parts) == 4
+            and parts[:2] == ["admin", "registries"]
+            and parts[3] in ("offline", "online")
+        ):
+            if request.method != b"POST":
+                return _json(request, 405, {"error": "use POST"})
+            registry = self._router.registry_named(parts[2])
+            if registry is None:
+                return _json(
+                    request, 404, {"error": f"registry {parts[2][:100]!r} is not configured"}
+                )
+            upstream = self._upstreams[registry.name]
+            upstream.offline = parts[3] == "offline"
+            self.log.warn(
+                "registry {name} switched to {mode} mode by an admin request from {client}",
+                name=registry.name,
+                mode=parts[3],
+                client=getattr(request.getClientAddress(), "host", "?"),
+            )
+            return _json(request, 200, {"registry": registry.name, "offline": upstream.offline})
+        return _json(request, 404, {"error": "no such admin request"})
+
+    def _states(self) -> dict[str, Any]:
+        return {name: {"offline": u.offline} for name, u in self._upstreams.items()}
+
+
+def _json(request: Request, code: int, document: Any) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(document).encode("utf-8")
