@@ -208,13 +208,16 @@ class BlobFill:
     def write(self, data: bytes) -> None:
         if not self.active:
             return
+        unwritten = data
         if self._memory is None:
-            try:
-                self._write_to_disk(data)
-            except OSError as e:
-                self._start_relaying(e)
+            written, error = self._write_to_disk(data)
+            unwritten = data[written:]
+            if error is not None:
+                self._start_relaying(error)
         if self._memory is not None:
-            self._memory += data
+            # Only what did not reach the disk: a full disk can take part
+            # of a chunk before it refuses the rest.
+            self._memory += unwritten
         self._hash.update(data)
         self.received += len(data)
         if self._memory is not None and len(self._memory) > self.policy.relay_window:
@@ -222,13 +225,19 @@ class BlobFill:
             self._pause_download(True)
         self._notify()
 
-    def _write_to_disk(self, data: bytes) -> None:
+    def _write_to_disk(self, data: bytes) -> tuple[int, OSError | None]:
+        """Write C{data} to the file; return how much was written, and why not all."""
         assert self._fd is not None
         view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        total = 0
+        while total < len(data):
+            try:
+                written = os.write(self._fd, view[total:])
+            except OSError as e:
+                return total, e
+            total += written
             self._on_disk += written
+        return total, None
 
     def _start_relaying(self, error: OSError) -> None:
         reason = f"cannot write to the cache: {error.strerror or error}"

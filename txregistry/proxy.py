@@ -489,6 +489,12 @@ class PullThroughCache:
             on_relay=self._relaying,
         )
         self._fills[digest] = fill
+        self.log.info(
+            "fetching blob {what} ({size} bytes) from {mirror}",
+            what=route.describe(),
+            size="?" if size is None else size,
+            mirror=response.mirror,
+        )
         fill.verified.addCallbacks(
             self._commit, self._done_with, callbackArgs=(fill,), errbackArgs=(fill,)
         )

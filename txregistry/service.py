@@ -207,13 +207,13 @@ class RegistryService(MultiService):
         What C{/health} says: 200 once listening with the cache open, the
         cache's state and each mirror's.  It holds no secrets.
         """
-        cache: dict[str, Any] = {"directory": str(self.config.cache.directory)}
-        if self.store.available:
-            cache["status"] = "ok"
-        else:
-            cache["status"] = "unavailable"
+        cache: dict[str, Any] = {
+            "directory": str(self.config.cache.directory),
+            "status": self.store.status,
+        }
+        if self.store.problem is not None:
             cache["problem"] = self.store.problem
-        status = "ok" if self.store.available else "degraded"
+        status = "ok" if self.store.status == "ok" else "degraded"
         registries = {name: upstream.describe() for name, upstream in self.upstreams.items()}
         return 200, {
             "status": status,

@@ -14,7 +14,7 @@ import re
 import signal
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 # Guards against a hung child, never a measurement.
@@ -30,6 +30,7 @@ class Process:
         cwd: Path | None = None,
         env: dict[str, str] | None = None,
         log: Path | None = None,
+        preexec: Callable[[], None] | None = None,
     ) -> None:
         self.args = list(args)
         self.lines: list[str] = []
@@ -45,6 +46,7 @@ class Process:
             text=True,
             errors="replace",
             start_new_session=True,
+            preexec_fn=preexec,
         )
         self._readers = [
             threading.Thread(target=self._read, args=(stream,), daemon=True)

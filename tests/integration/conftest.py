@@ -5,6 +5,7 @@ images the tests build and push with skopeo, and txregistry in between.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from harness.faults import FaultProxy
 from harness.images import big_image, small_image, write_layout
 from harness.network import TinyProxy
 from harness.pki import CertificateAuthority, token_signing_credential
@@ -21,6 +23,7 @@ from harness.processes import Process
 from harness.registry import DistributionRegistry
 from harness.skopeo import Skopeo
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 
 from txregistry.config import CacheConfig, Config, RegistryConfig, ServerConfig
 from txregistry.service import RegistryService
@@ -269,3 +272,24 @@ def start_txregistry(tmp_path) -> Iterator:
     for service in started:
         if service.running:
             pytest_twisted.blockon(service.stopService())
+
+
+FAULT_BLOB_SIZE = 3 << 20
+
+
+@pytest.fixture(scope="session")
+def blob(upstream) -> tuple[str, bytes]:
+    """A 3 MiB blob in the plain upstream, as library/faults."""
+    data = os.urandom(FAULT_BLOB_SIZE)
+    digest = upstream.registry.upload_blob("library/faults", lambda: iter([data]))
+    return digest, data
+
+
+@pytest.fixture
+def proxy(upstream) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the plain upstream."""
+    proxy = pytest_twisted.blockon(
+        Deferred.fromCoroutine(FaultProxy(upstream.registry.port).start())
+    )
+    yield proxy
+    pytest_twisted.blockon(Deferred.fromCoroutine(proxy.stop()))

@@ -96,23 +96,53 @@ def test_manifests_and_tags_count_towards_the_limit(tmp_path, clock):
 
 
 def failing_disk(monkeypatch, after: int):
-    """Make downloads' files fail to grow past C{after} bytes, as a full disk would."""
-    write = fill_module.BlobFill._write_to_disk
+    """
+    Make downloads' files fail to grow past C{after} bytes, as a full disk
+    would: the write that crosses the limit writes what fits, and the next
+    one fails.
+    """
+    real_write = os.write
+    state = {"written": 0}
 
-    def write_until_full(self, data):
-        if self._on_disk + len(data) > after:
+    def write_until_full(fd, data):
+        room = after - state["written"]
+        if room <= 0:
             raise OSError(errno.ENOSPC, "No space left on device")
-        write(self, data)
+        done = real_write(fd, bytes(data[:room]))
+        state["written"] += done
+        return done
 
-    monkeypatch.setattr(fill_module.BlobFill, "_write_to_disk", write_until_full)
+    class FullDiskOS:
+        def __getattr__(self, name):
+            return write_until_full if name == "write" else getattr(os, name)
+
+    monkeypatch.setattr(fill_module, "os", FullDiskOS())
+
+
+def pull_in_pieces(registry, digest, piece=30_000):
+    """A client's GET of a blob whose upstream sends it in pieces, as a real one does."""
+    held = registry.upstream.hold_blob(digest)
+    client = registry.client()
+    client.send("GET", f"/v2/x/blobs/{digest}")
+    data = registry.upstream.blobs[digest]
+    pieces = [data[i : i + piece] for i in range(0, len(data), piece)]
+    for one in pieces[:-1]:
+        held[0].write(one)
+        registry.pump()
+    held[0].write(pieces[-1])
+    held[0].finish()
+    registry.pump()
+    assert len(held) == 1, "one upstream request, relayed"
+    return client.response()
 
 
 def test_full_disk_still_serves_the_whole_verified_blob_uncached(tmp_path, monkeypatch, logs):
     registry = MemoryRegistry(tmp_path)
-    failing_disk(monkeypatch, after=50_000)
+    # The write that fills the disk takes part of a piece, and the next fails.
+    failing_disk(monkeypatch, after=50_000 + 123)
     first, second = blobs(registry, 2)
     for digest in (first, second):
-        response = registry.get(f"/v2/x/blobs/{digest}")
+        response = pull_in_pieces(registry, digest)
         assert (response.body, response.complete) == (registry.upstream.blobs[digest], True)
         assert not cached(registry, digest)
     assert registry.store.status == "degraded"

@@ -70,3 +70,21 @@ def test_startup_says_how_each_registry_is_reached_without_secrets(tmp_path, log
     ) in text
     assert "hunter2" not in text and "cHJveHk6c2VjcmV0" not in text
     assert "listening on tcp:5050" in text and "listening on tcp:5443" in text
+
+
+def test_health_reports_a_degraded_cache(tmp_path):
+    service = service_for(
+        tmp_path, RegistryConfig("docker.io", (MirrorConfig("https://r.example"),))
+    )
+    service.store.open()
+    code, document = service.health()
+    assert (code, document["status"], document["cache"]["status"]) == (200, "ok", "ok")
+    service.store.report_problem("cannot write to the cache: No space left on device")
+    code, document = service.health()
+    assert (code, document["status"]) == (200, "degraded")
+    assert document["cache"] == {
+        "directory": str(tmp_path / "cache"),
+        "status": "degraded",
+        "problem": "cannot write to the cache: No space left on device",
+    }
+    service.store.close()
