@@ -29,6 +29,8 @@ setup(
         "pyopenssl>=24.2.1",
         "txaio>=23.1.1",
         "diskcache>=5.6.3",
+        # /metrics in the Prometheus format.
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "test": [

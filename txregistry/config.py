@@ -53,12 +53,32 @@ class ServerConfig:
         counted from its first byte, so that a trickle cannot hold a
         connection for ever.
     @ivar idle_timeout: how long an idle connection is kept.
+    @ivar shutdown_timeout: how long a stop waits for downloads in progress
+        to finish before it drops them.
     """
 
     listen: tuple[str, ...] = ("tcp:5050:interface=127.0.0.1",)
     admin_listen: tuple[str, ...] = ("tcp:5051:interface=127.0.0.1",)
     header_timeout: float = 30.0
     idle_timeout: float = 300.0
+    shutdown_timeout: float = 30.0
+
+
+LOG_FORMATS = ("auto", "text", "json", "journal")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """
+    @ivar format: C{text} (twistd's own), C{json} (one object per line on
+        standard output), C{journal} (systemd's journal, with fields), or
+        C{auto}: the journal when systemd connected our output to it, text
+        otherwise.
+    @ivar access_log: one line per request.
+    """
+
+    format: str = "auto"
+    access_log: bool = True
 
 
 @dataclass(frozen=True)
@@ -263,6 +283,7 @@ class Config:
     registries: tuple[RegistryConfig, ...]
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     source: str | None = None
 
     @property
@@ -499,6 +520,12 @@ def _positive_duration(value: Any) -> float:
     return seconds
 
 
+def _log_format(value: Any) -> str:
+    if value not in LOG_FORMATS:
+        raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}, not {value!r}")
+    return str(value)
+
+
 def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"expected a whole number, 0 or more, not {value!r}")
@@ -687,8 +714,18 @@ def parse_config(
         idle_timeout=server_table.get(
             "idle_timeout", _positive_duration, ServerConfig.idle_timeout
         ),
+        shutdown_timeout=server_table.get(
+            "shutdown_timeout", parse_duration, ServerConfig.shutdown_timeout
+        ),
     )
     server_table.finish()
+
+    log_table = top.table("log")
+    log = LogConfig(
+        format=log_table.get("format", _log_format, LogConfig.format),
+        access_log=log_table.get("access_log", _boolean, LogConfig.access_log),
+    )
+    log_table.finish()
 
     cache_table = top.table("cache")
     directory = cache_table.get(
@@ -736,7 +773,12 @@ def parse_config(
 
     top.finish()
     return Config(
-        server=server, cache=cache, registries=registries, upstream=upstream, source=source
+        server=server,
+        cache=cache,
+        registries=registries,
+        upstream=upstream,
+        log=log,
+        source=source,
     )
 
 

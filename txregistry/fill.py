@@ -120,6 +120,7 @@ class BlobFill:
         policy: FillPolicy = FillPolicy(),
         resume: Resumer | None = None,
         on_relay: Callable[[BlobFill, str], None] | None = None,
+        on_data: Callable[[int], None] | None = None,
     ) -> None:
         self.digest = digest
         self.expected_size = expected_size
@@ -134,6 +135,9 @@ class BlobFill:
         self._fd: int | None = fd
         self._resume = resume
         self._on_relay = on_relay
+        self._on_data = on_data
+        # Fired by the owner once it hands the fill out no more.
+        self.settled: Deferred[None] = Deferred()
         self._hash = digest.hasher()
         self._complete = False
         self._failure: Failure | None = None
@@ -220,6 +224,8 @@ class BlobFill:
             self._memory += unwritten
         self._hash.update(data)
         self.received += len(data)
+        if self._on_data is not None:
+            self._on_data(len(data))
         if self._memory is not None and len(self._memory) > self.policy.relay_window:
             # The slowest client is a window behind: wait for it.
             self._pause_download(True)
@@ -467,8 +473,15 @@ class StreamThrough(Protocol):
 
     log = Logger()
 
-    def __init__(self, request: Request, digest: Digest, expected_size: int | None) -> None:
+    def __init__(
+        self,
+        request: Request,
+        digest: Digest,
+        expected_size: int | None,
+        on_data: Callable[[int], None] | None = None,
+    ) -> None:
         self._request = request
+        self._on_data = on_data
         self._digest = digest
         self._expected_size = expected_size
         self._hash = digest.hasher()
@@ -486,6 +499,8 @@ class StreamThrough(Protocol):
             return
         self._hash.update(data)
         self._received += len(data)
+        if self._on_data is not None:
+            self._on_data(len(data))
         out, self._held = self._held + data[:-1], data[-1:]
         if out:
             self._request.write(out)

@@ -35,8 +35,9 @@ class TimedOut(Exception):
 async def within(seconds: float, clock: IReactorTime, request: Deferred[T]) -> T:
     """
     Wait for C{request}, cancelling it after C{seconds}.  Raises L{TimedOut}
-    if the time ran out, however the cancelled request chose to fail (an
-    Agent fails with C{ResponseNeverReceived}, wrapping the cancellation).
+    if the time ran out, however the cancelled request chose to end: an
+    Agent fails with C{ResponseNeverReceived} wrapping the cancellation, and
+    a C{DeferredList} does not fail at all.
     """
     expired = []
 
@@ -46,7 +47,7 @@ async def within(seconds: float, clock: IReactorTime, request: Deferred[T]) -> T
 
     timer = clock.callLater(seconds, expire)
     try:
-        return await request
+        result = await request
     except Exception:
         if expired:
             raise TimedOut(seconds) from None
@@ -54,6 +55,9 @@ async def within(seconds: float, clock: IReactorTime, request: Deferred[T]) -> T
     finally:
         if timer.active():
             timer.cancel()
+    if expired:
+        raise TimedOut(seconds)
+    return result
 
 
 class BodyTooLarge(Exception):

@@ -133,6 +133,9 @@ class MirrorState:
         self.failures = 0
         self.skip_until = 0.0
         self.last_error: str | None = None
+        # For metrics: every attempt, and every failed one.
+        self.requests = 0
+        self.failures_total = 0
 
     def backing_off(self, now: float) -> bool:
         return now < self.skip_until
@@ -193,7 +196,9 @@ class MirrorSet:
 
     def record(self, state: MirrorState, outcome: Outcome | None) -> None:
         """Note how a mirror did: L{None} for a success."""
+        state.requests += 1
         if outcome is not None and outcome.counts_as_failure:
+            state.failures_total += 1
             state.failed(self._clock.seconds(), outcome.reason)
         else:
             state.answered()

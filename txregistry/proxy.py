@@ -24,13 +24,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from txregistry.config import CacheConfig
 from txregistry.errors import RegistryError
-from txregistry.fill import BlobFill, FillPolicy, Resumer
-from txregistry.httpclient import read_body
+from txregistry.fill import BlobFill, FillAbandoned, FillPolicy, Resumer
+from txregistry.httpclient import TimedOut, read_body, within
 from txregistry.mirrors import (
     UPSTREAM_ERRORS,
     UpstreamNotFound,
@@ -189,6 +191,12 @@ class PullThroughCache:
         self._fill_starts: SingleFlight[Digest, BlobFill | None] = SingleFlight()
         self._manifest_lookups: SingleFlight[tuple[str, ...], ManifestAnswer] = SingleFlight()
         self._missing: dict[str, float] = {}
+        self._followers = 0
+        # Bytes of blobs and manifests received from upstream, for metrics.
+        self.fetched_bytes = 0
+
+    def count_fetched(self, size: int) -> None:
+        self.fetched_bytes += size
 
     def upstream(self, route: Route) -> Upstream:
         return self._upstreams[route.registry.name]
@@ -200,7 +208,7 @@ class PullThroughCache:
     @property
     def joins(self) -> int:
         """Requests that shared another's upstream request."""
-        return self._fill_starts.joins + self._manifest_lookups.joins
+        return self._fill_starts.joins + self._manifest_lookups.joins + self._followers
 
     # Manifests.
 
@@ -358,6 +366,7 @@ class PullThroughCache:
         fetched = await self.upstream(route).manifest(
             route.repository, reference, accept, f"manifest {route.describe()}", expected
         )
+        self.count_fetched(len(fetched.body))
         await self.store.put_manifest(fetched.digest, _cached(fetched))
         return fetched
 
@@ -371,14 +380,14 @@ class PullThroughCache:
             raise upstream_error(route, e) from None
 
     async def _blob(self, route: Route, digest: Digest, head: bool) -> BlobAnswer:
-        following = self._follow(digest)
+        following = self._follow(digest, joining=True)
         if following is not None:
             return following
         cached = await self.store.open_blob(digest)
         if cached is not None:
             return BlobHit(cached)
         # A download may have started while we looked in the store.
-        following = self._follow(digest)
+        following = self._follow(digest, joining=True)
         if following is not None:
             return following
         if head:
@@ -422,13 +431,18 @@ class PullThroughCache:
             return BlobHit(cached, MISS)
         return BlobStream(await self._get_blob(route, digest), digest)
 
-    def _follow(self, digest: Digest) -> BlobFilling | None:
+    def _follow(self, digest: Digest, joining: bool = False) -> BlobFilling | None:
         """
         Follow a download of C{digest} in progress.  Only a listed fill is
-        handed out: we hold it, so its file is still open.
+        handed out: we hold it, so its file is still open.  C{joining} says
+        the request is not the one that started the download.
         """
         fill = self._fills.get(digest)
-        return None if fill is None else BlobFilling(fill.acquire())
+        if fill is None:
+            return None
+        if joining:
+            self._followers += 1
+        return BlobFilling(fill.acquire())
 
     async def _get_blob(
         self, route: Route, digest: Digest, offset: int = 0, start_with: str | None = None
@@ -487,6 +501,7 @@ class PullThroughCache:
             policy,
             resume=self._resumer(route, digest),
             on_relay=self._relaying,
+            on_data=self.count_fetched,
         )
         self._fills[digest] = fill
         self.log.info(
@@ -523,6 +538,28 @@ class PullThroughCache:
         if self._fills.get(fill.digest) is fill:
             del self._fills[fill.digest]
             fill.release()
+            fill.settled.callback(None)
+
+    async def drain(self, timeout: float) -> None:
+        """
+        Wait, up to C{timeout} seconds, for the downloads in progress to
+        finish and be stored; then drop the rest.  For a graceful stop.
+        """
+        fills = list(self._fills.values())
+        if not fills:
+            return
+        self.log.info(
+            "waiting up to {timeout}s for {count} downloads in progress",
+            timeout=timeout,
+            count=len(fills),
+        )
+        # Wait on observers: cancelling a DeferredList cancels what is in it,
+        # and the fills' own "settled" are for their owner to fire.
+        try:
+            await within(timeout, self._clock, DeferredList([_observe(f.settled) for f in fills]))
+        except TimedOut:
+            for fill in fills:
+                fill.fail(Failure(FillAbandoned("txregistry is stopping")))
 
     # Tags lists and referrers, passed through.
 
@@ -549,6 +586,19 @@ class PullThroughCache:
             if value is not None:
                 headers[name] = value
         return PassedThrough(response.code, headers, body)
+
+
+def _observe(fired: Deferred[None]) -> Deferred[None]:
+    """A Deferred that fires when C{fired} does, and can be cancelled alone."""
+    observer: Deferred[None] = Deferred()
+
+    def tell(result: object) -> object:
+        if not observer.called:
+            observer.callback(None)
+        return result
+
+    fired.addBoth(tell)
+    return observer
 
 
 def _cached(fetched: FetchedManifest) -> CachedManifest:

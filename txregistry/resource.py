@@ -12,20 +12,23 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlencode
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from txregistry.errors import RegistryError
 from txregistry.fill import StreamThrough
+from txregistry.metrics import CONTENT_TYPE
 from txregistry.proxy import (
     BlobAnswer,
     BlobFilling,
@@ -74,16 +77,60 @@ def parse_range(header: bytes | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-class _Exchange:
-    """One request, and whether its client is still there."""
+@dataclass(frozen=True)
+class Finished:
+    """What became of one request, for the access log and metrics."""
 
-    def __init__(self, request: Request) -> None:
+    client: str
+    method: str
+    path: str
+    kind: str
+    status: int
+    cache: str
+    sent: int
+    duration: float
+    aborted: bool
+
+
+class _Exchange:
+    """One request, whether its client is still there, and how it ended."""
+
+    def __init__(
+        self,
+        request: Request,
+        clock: IReactorTime,
+        finished: Callable[[Finished], None] | None,
+    ) -> None:
         self.request = request
         self.gone = False
-        request.notifyFinish().addErrback(self._lost)
+        self.kind = "other"
+        self._clock = clock
+        self._started = clock.seconds()
+        self._finished = finished
+        request.notifyFinish().addCallbacks(self._done, self._lost)
 
     def _lost(self, _: Failure) -> None:
         self.gone = True
+        self._done(None, aborted=True)
+
+    def _done(self, _: object, aborted: bool = False) -> None:
+        if self._finished is None:
+            return
+        request = self.request
+        client = request.getClientAddress()
+        self._finished(
+            Finished(
+                client=str(getattr(client, "host", client)),
+                method=request.method.decode("ascii", "replace"),
+                path=request.uri.decode("ascii", "replace")[:1000],
+                kind=self.kind,
+                status=request.code,
+                cache=(request.responseHeaders.getRawHeaders(b"x-cache") or [b""])[0].decode(),
+                sent=request.sentLength,
+                duration=self._clock.seconds() - self._started,
+                aborted=aborted,
+            )
+        )
 
     @property
     def head(self) -> bool:
@@ -101,7 +148,12 @@ class _Exchange:
 
 
 class RegistryResource(Resource):
-    """The whole HTTP API: C{/v2/...} and C{/health}."""
+    """
+    The whole HTTP API: C{/v2/...}, C{/health} and C{/metrics}.
+
+    @param finished: told how each request ended, for the access log and
+        metrics.
+    """
 
     isLeaf = True
     log = Logger()
@@ -111,31 +163,48 @@ class RegistryResource(Resource):
         router: Router,
         cache: PullThroughCache,
         health: Callable[[], tuple[int, dict[str, Any]]],
+        metrics: Callable[[], bytes] | None = None,
+        finished: Callable[[Finished], None] | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         super().__init__()
         self._router = router
         self._cache = cache
         self._health = health
+        self._metrics = metrics
+        self._finished = finished
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = cast(IReactorTime, reactor)
+        self._clock: IReactorTime = clock
 
     def render(self, request: Request) -> bytes | int:
+        exchange = _Exchange(request, self._clock, self._finished)
         path = request.path
         if path == b"/health":
+            exchange.kind = "health"
             code, document = self._health()
             request.setResponseCode(code)
             return _json(request, document)
+        if path == b"/metrics" and self._metrics is not None:
+            exchange.kind = "metrics"
+            request.responseHeaders.setRawHeaders(b"Content-Type", [CONTENT_TYPE.encode()])
+            return self._metrics()
         request.responseHeaders.setRawHeaders(b"Docker-Distribution-API-Version", [b"registry/2.0"])
         if request.method not in _READ_METHODS:
             if path.startswith(b"/v2/"):
                 return _error_now(request, push_unsupported())
             return _error_now(request, RegistryError.unsupported("only GET and HEAD are served"))
         if path in (b"/v2", b"/v2/"):
+            exchange.kind = "base"
             return _json(request, {})
         try:
             ns = request.args.get(b"ns", [None])[0] if request.args else None
             route = self._router.route(path, ns)
         except RegistryError as e:
             return _error_now(request, e)
-        exchange = _Exchange(request)
+        exchange.kind = route.kind.value.rstrip("s")
         Deferred.fromCoroutine(self._serve(exchange, route)).addErrback(self._unexpected, exchange)
         return NOT_DONE_YET
 
@@ -176,7 +245,7 @@ class RegistryResource(Resource):
             length = answer.response.content_length
             if length is not None:
                 exchange.set("Content-Length", length)
-            stream = StreamThrough(request, answer.digest, length)
+            stream = StreamThrough(request, answer.digest, length, self._cache.count_fetched)
             if exchange.gone:
                 stream.stopProducing()
             answer.response.response.deliverBody(stream)
@@ -298,7 +367,10 @@ class RegistryChannel(HTTPChannel):
 
 
 class RegistrySite(Site):
-    """The HTTP server for L{RegistryResource}."""
+    """
+    The HTTP server for L{RegistryResource}, whose requests are logged by the
+    resource (see L{Finished}) rather than by Twisted's combined log.
+    """
 
     # A plain HTTPChannel, which is what Twisted's HTTPFactory used before it
     # grew HTTP/2 switching; txregistry speaks HTTP/1.1 only.
@@ -318,6 +390,9 @@ class RegistrySite(Site):
         channel = super().buildProtocol(addr)
         channel.header_timeout = self.header_timeout
         return channel
+
+    def log(self, request: http.Request) -> None:
+        pass
 
 
 def _send_file(exchange: _Exchange, source: ByteSource, size: int | None) -> None:

@@ -15,22 +15,25 @@ is not running yet, which is the only time twistd can still exit non-zero.
 
 from __future__ import annotations
 
+import signal
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IHostnameResolver,
     IListeningPort,
     IProtocolFactory,
     IReactorCore,
+    IReactorThreads,
     IReactorTime,
     IStreamServerEndpoint,
 )
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.iweb import IAgent
 from twisted.web.server import Site
@@ -39,10 +42,14 @@ from txregistry import __version__
 from txregistry.admin import AdminResource
 from txregistry.config import Config, ConfigError, RegistryConfig
 from txregistry.endpoints import MirrorTLSPolicy, upstream_agent
+from txregistry.listen import ReloadableTLS, server_endpoint
+from txregistry.logs import choose_observer
+from txregistry.metrics import Metrics
 from txregistry.proxy import PullThroughCache
-from txregistry.resource import RegistryResource, RegistrySite
+from txregistry.resource import Finished, RegistryResource, RegistrySite
 from txregistry.routing import Router
 from txregistry.store import CacheStore
+from txregistry.systemd import notify
 from txregistry.upstream import Upstream
 
 
@@ -95,16 +102,6 @@ class Listener(Service):
         return None
 
 
-def _endpoint(reactor: Any, key: str, index: int, description: str) -> IStreamServerEndpoint:
-    try:
-        endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
-        return endpoint
-    except Exception as e:
-        raise ConfigError(
-            f"{key}[{index}]", f"{description!r} is not a valid endpoint description: {e}"
-        ) from None
-
-
 def _address(port: IListeningPort) -> str:
     host = port.getHost()
     if isinstance(host, (IPv4Address, IPv6Address)):
@@ -116,6 +113,7 @@ class RegistryService(MultiService):
     """The whole of txregistry: cache, upstreams, HTTP API and listeners."""
 
     log = Logger()
+    access_log = Logger(namespace="txregistry.access")
 
     def __init__(
         self, config: Config, reactor: Any, resolver: IHostnameResolver | None = None
@@ -123,8 +121,8 @@ class RegistryService(MultiService):
         """
         @param resolver: resolves upstream host names; the reactor's own
             unless a test injects one.
-        @raise ConfigError: for a listen description Twisted cannot parse, or
-            a C{ca_file} that holds no certificate.
+        @raise ConfigError: for a listen description that cannot be used, or
+            a certificate or C{ca_file} that holds no certificate.
         """
         super().__init__()
         self.config = config
@@ -142,30 +140,50 @@ class RegistryService(MultiService):
             for r in config.registries
         }
         self.cache = PullThroughCache(self.store, self.upstreams, clock, config.cache)
+        self.metrics = Metrics(self.cache, self.upstreams, self.store)
         router = Router(config.registries)
         server = config.server
+        resource = RegistryResource(
+            router, self.cache, self.health, self.metrics.render, self._finished, clock
+        )
         self.site = RegistrySite(
-            RegistryResource(router, self.cache, self.health),
+            resource,
             header_timeout=server.header_timeout,
             idle_timeout=server.idle_timeout,
             reactor=reactor,
         )
         self.admin_site = Site(AdminResource(router, self.upstreams), reactor=reactor)
-        self.listeners = [
-            Listener(description, _endpoint(reactor, "server.listen", i, description), self.site)
-            for i, description in enumerate(server.listen)
-        ]
-        self.admin_listeners = [
-            Listener(
-                description,
-                _endpoint(reactor, "server.admin_listen", i, description),
-                self.admin_site,
-            )
-            for i, description in enumerate(server.admin_listen)
-        ]
-        for listener in self.listeners + self.admin_listeners:
-            listener.setServiceParent(self)
+        self.tls: list[ReloadableTLS] = []
+        self.listeners = self._listeners("server.listen", server.listen, self.site)
+        self.admin_listeners = self._listeners(
+            "server.admin_listen", server.admin_listen, self.admin_site
+        )
+        self._figures = LoopingCall(self.store.update_figures)
+        self._figures.clock = clock
         self.ready = False
+
+    def _listeners(self, key: str, descriptions: tuple[str, ...], factory: Site) -> list[Listener]:
+        listeners = []
+        for i, description in enumerate(descriptions):
+            try:
+                endpoint, tls = server_endpoint(self._reactor, description)
+            except ConfigError as e:
+                where = f"{key}[{i}]" + (f" ({e.where})" if e.where else "")
+                raise ConfigError(where, e.problem) from None
+            if tls is not None:
+                self.tls.append(tls)
+            listener = Listener(description, endpoint, factory)
+            listener.setServiceParent(self)
+            listeners.append(listener)
+        return listeners
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        # Under twistd the parent is the application, which may carry the
+        # log observer twistd then uses instead of its own (AppLogger.start).
+        observer = choose_observer(self.config.log.format)
+        if observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, observer)
 
     def privilegedStartService(self) -> None:
         self.log.info(
@@ -177,6 +195,13 @@ class RegistryService(MultiService):
         )
         for registry in self.config.registries:
             _log_registry(self.log, registry)
+        for tls in self.tls:
+            self.log.info(
+                "TLS certificate {path}: {subject}, valid until {expires}",
+                path=str(tls.certificate),
+                subject=tls.subject,
+                expires=tls.expires,
+            )
         super().privilegedStartService()
 
     def startService(self) -> None:
@@ -189,18 +214,65 @@ class RegistryService(MultiService):
                 # it holds can be half-written (see CacheStore.repair).
                 self.store.repair()
         super().startService()
+        if self.tls:
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+        self._figures.start(15, now=True)
         self._reactor.callWhenRunning(self._announce_ready)
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        # A signal handler must not touch the reactor's state directly.
+        cast(IReactorThreads, self._reactor).callFromThread(self.reload_tls)
+
+    def reload_tls(self) -> None:
+        """Reread every TLS listener's certificate: new connections get the new one."""
+        for tls in self.tls:
+            tls.reload()
 
     def _announce_ready(self) -> None:
         self.ready = True
+        addresses = ", ".join(
+            _address(listener.port) for listener in self.listeners if listener.port is not None
+        )
         self.log.info("txregistry ready")
+        notify(f"READY=1\nSTATUS=serving on {addresses}")
+
+    def _finished(self, finished: Finished) -> None:
+        self.metrics.request_done(finished.kind, finished.status, finished.cache, finished.sent)
+        if self.config.log.access_log:
+            self.access_log.info(
+                '{client} "{method} {path}" {status} {cache} {sent}B {duration:.3f}s{aborted}',
+                client=finished.client,
+                method=finished.method,
+                path=finished.path,
+                status=finished.status,
+                cache=finished.cache or "-",
+                sent=finished.sent,
+                duration=finished.duration,
+                aborted=" aborted" if finished.aborted else "",
+            )
 
     def stopService(self) -> Any:
+        """
+        Stop accepting clients, let downloads in progress finish (for at
+        most C{shutdown_timeout}) so that they are cached, then close the
+        cache.  What does not finish in time is dropped cleanly: nothing
+        partial is ever stored.
+        """
         self.ready = False
-        result = super().stopService()
+        notify("STOPPING=1\nSTATUS=stopping")
+        if self.tls and hasattr(self, "_previous_sighup"):
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+        if self._figures.running:
+            self._figures.stop()
+        listeners_stopped = super().stopService()
+        return Deferred.fromCoroutine(self._stop(listeners_stopped))
+
+    async def _stop(self, listeners_stopped: Any) -> None:
+        if listeners_stopped is not None:
+            await listeners_stopped
+        await self.cache.drain(self.config.server.shutdown_timeout)
         self.threadpool.stop()
         self.store.close()
-        return result
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """

@@ -153,6 +153,9 @@ class CacheStore:
         self.problem: str | None = "not opened yet"
         self.evictions = 0
         self.crashed = False
+        # Refreshed by update_figures(), for metrics and stats.
+        self.last_volume = 0
+        self.last_entries = 0
 
     @property
     def available(self) -> bool:
@@ -353,6 +356,18 @@ class CacheStore:
             "checked the cache after an unclean stop: {count} problems fixed", count=len(fixed)
         )
         return len(fixed)
+
+    def update_figures(self) -> Deferred[None]:
+        """Refresh L{last_volume} and L{last_entries}, off the reactor thread."""
+
+        def figures(cache: diskcache.Cache) -> tuple[int, int]:
+            return int(cache.volume()), len(cache)
+
+        def keep(result: tuple[int, int] | None) -> None:
+            if result is not None:
+                self.last_volume, self.last_entries = result
+
+        return self._read(figures).addCallback(keep)
 
     def volume(self) -> Deferred[int | None]:
         """The bytes the cache holds on disk, index included."""

@@ -173,6 +173,8 @@ class Upstream:
         self.mirrors = MirrorSet(registry, clock)
         # In offline mode no upstream is asked; an admin request can switch it.
         self.offline = registry.offline
+        # The last "ratelimit-remaining" Docker Hub sent, for metrics.
+        self.ratelimit_remaining: int | None = None
         self._clock = clock
         self._timeout = registry.upstream.response_timeout
         self._agent = RedirectAgent(agent, redirectLimit=5)
@@ -383,6 +385,9 @@ class Upstream:
         self, mirror: MirrorConfig, method: bytes, response: IResponse
     ) -> UpstreamResponse:
         code = response.code
+        remaining = header(response, "ratelimit-remaining")
+        if remaining is not None and remaining.split(";")[0].strip().isdigit():
+            self.ratelimit_remaining = int(remaining.split(";")[0])
         if 200 <= code < 300:
             return UpstreamResponse(mirror.url, response, method)
         body = b"" if method == b"HEAD" else await _error_body(response)

@@ -32,9 +32,10 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from txregistry.config import CacheConfig, MirrorConfig, RegistryConfig
+from txregistry.metrics import Metrics
 from txregistry.proxy import PullThroughCache
 from txregistry.reference import Digest
-from txregistry.resource import RegistryResource, RegistrySite
+from txregistry.resource import Finished, RegistryResource, RegistrySite
 from txregistry.routing import Router
 from txregistry.store import CacheStore
 from txregistry.upstream import Upstream
@@ -441,8 +442,21 @@ class MemoryRegistry:
         self.cache_config = CacheConfig(tmp_path / "cache", size_limit, tag_ttl, **cache)
         self.upstreams = {r.name: Upstream(r, self.agent, self.clock) for r in self.registries}
         self.cache = PullThroughCache(self.store, self.upstreams, self.clock, self.cache_config)
+        self.metrics = Metrics(self.cache, self.upstreams, self.store)
+        # How each request ended, as the access log would say.
+        self.finished: list[Finished] = []
+
+        def finished(request: Finished) -> None:
+            self.finished.append(request)
+            self.metrics.request_done(request.kind, request.status, request.cache, request.sent)
+
         resource = RegistryResource(
-            Router(self.registries), self.cache, lambda: (200, {"status": "ok"})
+            Router(self.registries),
+            self.cache,
+            lambda: (200, {"status": "ok"}),
+            self.metrics.render,
+            finished,
+            self.clock,
         )
         # The clock of client connections: header and idle timeouts.
         self.site_clock = MemoryReactorClock()

@@ -1,0 +1,120 @@
+"""
+txregistry's Prometheus metrics, at C{/metrics} on the main listeners.
+
+Most figures are read when scraped from counters the parts already keep
+(mirror states, the store, the cache's fills); requests and the bytes sent
+from the cache are counted as requests finish.  Labels are registry names,
+mirror URLs, request kinds, statuses and cache results: never a secret.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from txregistry.proxy import PullThroughCache
+    from txregistry.store import CacheStore
+    from txregistry.upstream import Upstream
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _StateCollector(Collector):
+    """Reads the parts' own counters at each scrape."""
+
+    def __init__(
+        self, cache: PullThroughCache, upstreams: dict[str, Upstream], store: CacheStore
+    ) -> None:
+        self._cache = cache
+        self._upstreams = upstreams
+        self._store = store
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "txregistry_upstream_requests",
+            "Requests sent to upstream mirrors",
+            labels=["registry", "mirror"],
+        )
+        failures = CounterMetricFamily(
+            "txregistry_upstream_failures",
+            "Upstream requests that got no usable answer (no connection, timeout, 5xx, 429)",
+            labels=["registry", "mirror"],
+        )
+        ratelimit = GaugeMetricFamily(
+            "txregistry_dockerhub_ratelimit_remaining",
+            "The last ratelimit-remaining Docker Hub sent",
+            labels=["registry"],
+        )
+        for name, upstream in self._upstreams.items():
+            for state in upstream.mirrors.states:
+                requests.add_metric([name, state.mirror.url], state.requests)
+                failures.add_metric([name, state.mirror.url], state.failures_total)
+            if upstream.ratelimit_remaining is not None:
+                ratelimit.add_metric([name], upstream.ratelimit_remaining)
+        yield requests
+        yield failures
+        yield ratelimit
+        yield CounterMetricFamily(
+            "txregistry_upstream_fetched_bytes",
+            "Bytes of blobs and manifests received from upstream",
+            value=self._cache.fetched_bytes,
+        )
+        yield CounterMetricFamily(
+            "txregistry_single_flight_joins",
+            "Requests that shared another request's upstream fetch",
+            value=self._cache.joins,
+        )
+        yield GaugeMetricFamily(
+            "txregistry_fills_in_flight",
+            "Blob downloads in progress",
+            value=self._cache.fills_in_flight,
+        )
+        yield GaugeMetricFamily(
+            "txregistry_cache_size_bytes",
+            "Bytes the cache holds on disk (updated every 15s)",
+            value=self._store.last_volume,
+        )
+        yield GaugeMetricFamily(
+            "txregistry_cache_entries",
+            "Entries in the cache: blobs, manifests and tag answers (updated every 15s)",
+            value=self._store.last_entries,
+        )
+        yield CounterMetricFamily(
+            "txregistry_cache_evictions",
+            "Entries evicted to stay under the size limit",
+            value=self._store.evictions,
+        )
+
+
+class Metrics:
+    """The metrics of one txregistry, in a registry of their own."""
+
+    def __init__(
+        self, cache: PullThroughCache, upstreams: dict[str, Upstream], store: CacheStore
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "txregistry_requests",
+            "Requests answered, by kind, status and cache result",
+            ["kind", "status", "cache"],
+            registry=self.registry,
+        )
+        self.served_from_cache = Counter(
+            "txregistry_cache_served_bytes",
+            "Bytes sent to clients from the cache",
+            registry=self.registry,
+        )
+        self.registry.register(_StateCollector(cache, upstreams, store))
+
+    def request_done(self, kind: str, status: int, cache: str, sent: int) -> None:
+        self.requests.labels(kind, str(status), cache.lower() or "none").inc()
+        if cache in ("HIT", "STALE"):
+            self.served_from_cache.inc(sent)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
