@@ -32,6 +32,7 @@ setup(
         # /metrics in the Prometheus format.
         "prometheus-client>=0.20",
     ],
+    entry_points={"console_scripts": ["txregistry = txregistry.cli:main"]},
     extras_require={
         "test": [
             "pytest>=8",

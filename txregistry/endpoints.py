@@ -57,7 +57,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
-from txregistry.config import ConfigError, ProxyConfig, ProxyServer, Secret
+from txregistry.config import ConfigError, ProxyConfig, ProxyServer, RegistryConfig, Secret
 from txregistry.httpclient import TimedOut, within
 
 _FAMILIES: dict[str, tuple[type[IAddress], ...]] = {
@@ -445,3 +445,12 @@ def upstream_agent(
     if proxy.http is None:
         return direct
     return _PlainProxyRouting(direct, endpoints, reactor, pool, proxy)
+
+
+def registry_agent(reactor: Any, resolver: IHostnameResolver, registry: RegistryConfig) -> IAgent:
+    """The agent for one registry's upstream requests, by its settings."""
+    tls = MirrorTLSPolicy({m.host for m in registry.mirrors}, registry.ca_file, registry.insecure)
+    upstream = registry.upstream
+    return upstream_agent(
+        reactor, resolver, registry.address_family, upstream.connect_timeout, tls, upstream.proxy
+    )

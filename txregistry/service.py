@@ -35,13 +35,12 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
 from twisted.python.threadpool import ThreadPool
-from twisted.web.iweb import IAgent
 from twisted.web.server import Site
 
 from txregistry import __version__
 from txregistry.admin import AdminResource
 from txregistry.config import Config, ConfigError, RegistryConfig
-from txregistry.endpoints import MirrorTLSPolicy, upstream_agent
+from txregistry.endpoints import registry_agent
 from txregistry.listen import ReloadableTLS, server_endpoint
 from txregistry.logs import choose_observer
 from txregistry.metrics import Metrics
@@ -293,15 +292,6 @@ class RegistryService(MultiService):
             "cache": cache,
             "registries": registries,
         }
-
-
-def registry_agent(reactor: Any, resolver: IHostnameResolver, registry: RegistryConfig) -> IAgent:
-    """The agent for one registry's upstream requests, by its settings."""
-    tls = MirrorTLSPolicy({m.host for m in registry.mirrors}, registry.ca_file, registry.insecure)
-    upstream = registry.upstream
-    return upstream_agent(
-        reactor, resolver, registry.address_family, upstream.connect_timeout, tls, upstream.proxy
-    )
 
 
 def _log_registry(log: Logger, registry: RegistryConfig) -> None:

@@ -153,6 +153,7 @@ class CacheStore:
         self.problem: str | None = "not opened yet"
         self.evictions = 0
         self.crashed = False
+        self._exclusive = True
         # Refreshed by update_figures(), for metrics and stats.
         self.last_volume = 0
         self.last_entries = 0
@@ -173,17 +174,26 @@ class CacheStore:
     def tmp_directory(self) -> Path:
         return self.directory / "tmp"
 
-    def open(self) -> None:
+    def open(self, exclusive: bool = True) -> None:
         """
         Create the directories, remove downloads left by a previous run, and
         open diskcache.  Called once at startup, before the reactor runs.
+
+        @param exclusive: false for the command line, which works on the
+            cache beside a running service: it then only opens diskcache
+            (which is safe across processes), and leaves the downloads and
+            the C{running} marker alone.
         """
+        self._exclusive = exclusive
         try:
-            self.tmp_directory.mkdir(parents=True, exist_ok=True)
-            for leftover in self.tmp_directory.iterdir():
-                leftover.unlink()
-            self.crashed = self._running_marker.exists()
-            self._running_marker.touch()
+            if exclusive:
+                self.tmp_directory.mkdir(parents=True, exist_ok=True)
+                for leftover in self.tmp_directory.iterdir():
+                    leftover.unlink()
+                self.crashed = self._running_marker.exists()
+                self._running_marker.touch()
+            elif not (self.directory / "store").is_dir():
+                raise OSError(f"no cache in {self.directory}")
             self._cache = diskcache.Cache(
                 str(self.directory / "store"),
                 disk=_MovingDisk,
@@ -191,6 +201,8 @@ class CacheStore:
                 eviction_policy="least-recently-used",
                 # Eviction is done by _evict_to_limit, after each store.
                 cull_limit=0,
+                # Hits and misses, kept across restarts, for "cache stats".
+                statistics=1,
             )
         except Exception as e:
             self.problem = f"cannot open the cache in {self.directory}: {e}"
@@ -201,7 +213,8 @@ class CacheStore:
     def close(self) -> None:
         if self._cache is not None:
             self._cache.close()
-            self._running_marker.unlink(missing_ok=True)
+            if self._exclusive:
+                self._running_marker.unlink(missing_ok=True)
 
     @property
     def _running_marker(self) -> Path:
@@ -375,6 +388,70 @@ class CacheStore:
 
     def entries(self) -> Deferred[int | None]:
         return self._read(lambda cache: len(cache))
+
+    # For the command line ("txregistry cache ..."), which runs them directly.
+
+    def stats(self) -> dict[str, Any]:
+        """Size, entries by kind, and hits and misses since the cache was created."""
+        cache = self._open_cache()
+        kinds: dict[str, int] = {"blob": 0, "manifest": 0, "tag": 0}
+        for key in cache.iterkeys():
+            kind = str(key).split("/", 1)[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
+        hits, misses = cache.stats()
+        return {
+            "directory": str(self.directory),
+            "size": int(cache.volume()),
+            "size_limit": self.size_limit,
+            "entries": len(cache),
+            "by_kind": kinds,
+            "hits": hits,
+            "misses": misses,
+        }
+
+    def verify(self) -> tuple[int, list[str]]:
+        """
+        Re-hash every blob and manifest; remove those that do not match
+        their digest.  Returns how many were checked, and the removed keys.
+        """
+        cache = self._open_cache()
+        checked, removed = 0, []
+        for key in list(cache.iterkeys()):
+            kind, _, digest_text = str(key).partition("/")
+            if kind not in ("blob", "manifest"):
+                continue
+            digest = Digest.parse(digest_text)
+            checked += 1
+            if not self._matches(cache, kind, key, digest):
+                cache.delete(key)
+                removed.append(str(key))
+        return checked, removed
+
+    def _matches(self, cache: diskcache.Cache, kind: str, key: str, digest: Digest) -> bool:
+        hasher = digest.hasher()
+        try:
+            if kind == "manifest":
+                _, body = cache.get(key)
+                hasher.update(body)
+            else:
+                file = cache.get(key, read=True)
+                if file is None:
+                    return True  # evicted meanwhile
+                with file:
+                    for chunk in iter(lambda: file.read(1 << 20), b""):
+                        hasher.update(chunk)
+        except Exception:
+            return False
+        return hasher.hexdigest() == digest.hex
+
+    def gc(self) -> int:
+        """Apply the size limit now; return how many entries were evicted."""
+        return _evict_to_limit(self._open_cache())
+
+    def _open_cache(self) -> diskcache.Cache:
+        if self._cache is None:
+            raise OSError(self.problem or "the cache is not open")
+        return self._cache
 
     # Running diskcache calls.
 

@@ -1,0 +1,5 @@
+import sys
+
+from txregistry.cli import main
+
+sys.exit(main())

@@ -1,0 +1,220 @@
+"""
+The C{txregistry} command: diagnosis and upkeep beside the service.
+
+    txregistry doctor [--config FILE]
+    txregistry prefetch [--server URL] [--config FILE] REF... [--platform P | --all-platforms]
+    txregistry cache stats|verify|gc [--config FILE]
+    txregistry config check FILE
+
+Without C{--config}, the commands read C{/etc/txregistry/txregistry.toml}
+if it exists, and the built-in defaults otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import IO
+
+from twisted.internet.testing import MemoryReactorClock
+
+from txregistry import __version__
+from txregistry.config import Config, ConfigError, default_config, load_config
+from txregistry.endpoints import MirrorTLSPolicy
+from txregistry.listen import server_endpoint
+from txregistry.store import CacheStore
+
+DEFAULT_CONFIG = "/etc/txregistry/txregistry.toml"
+
+
+def _load(path: str | None) -> Config:
+    if path is None:
+        return load_config(DEFAULT_CONFIG) if os.path.exists(DEFAULT_CONFIG) else default_config()
+    return load_config(path)
+
+
+def check_config(path: str, out: IO[str]) -> int:
+    """Validate a config file, certificates included, and say what it sets up."""
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        print(f"txregistry: config error: {e}", file=sys.stderr)
+        return 1
+    try:
+        # What startup would refuse, short of binding ports: endpoint
+        # descriptions, TLS certificates, CA files.
+        reactor = MemoryReactorClock()
+        for key, descriptions in (
+            ("server.listen", config.server.listen),
+            ("server.admin_listen", config.server.admin_listen),
+        ):
+            for i, description in enumerate(descriptions):
+                try:
+                    server_endpoint(reactor, description)
+                except ConfigError as e:
+                    raise ConfigError(f"{key}[{i}]", e.problem) from None
+        for i, registry in enumerate(config.registries):
+            try:
+                MirrorTLSPolicy(
+                    {m.host for m in registry.mirrors}, registry.ca_file, registry.insecure
+                )
+            except ConfigError as e:
+                raise ConfigError(f"registry[{i}].ca_file", e.problem) from None
+    except ConfigError as e:
+        print(f"txregistry: config error: {path}: {e}", file=sys.stderr)
+        return 1
+    print(f"{path}: OK", file=out)
+    print(f"  listen: {', '.join(config.server.listen)}", file=out)
+    if config.server.admin_listen:
+        print(f"  admin: {', '.join(config.server.admin_listen)}", file=out)
+    print(f"  cache: {config.cache.directory}, up to {config.cache.size_limit} bytes", file=out)
+    for registry in config.registries:
+        mirrors = ", ".join(
+            m.url + ("" if m.resolve_tags else " (digest-only)") for m in registry.mirrors
+        )
+        extras = []
+        if registry.default:
+            extras.append("default")
+        if registry.credentials is not None:
+            extras.append(f"user {registry.credentials.username}")
+        if registry.offline:
+            extras.append("offline")
+        suffix = f" ({', '.join(extras)})" if extras else ""
+        print(f"  registry {registry.name}{suffix}: {mirrors}", file=out)
+    return 0
+
+
+def cache_command(action: str, config: Config, out: IO[str]) -> int:
+    """C{cache stats}, C{cache verify} and C{cache gc}, on the cache directory."""
+    store = CacheStore(config.cache.directory, config.cache.size_limit, _unused_runner)
+    store.open(exclusive=False)
+    if not store.available:
+        print(f"txregistry: {store.problem}", file=sys.stderr)
+        return 1
+    try:
+        if action == "stats":
+            stats = store.stats()
+            lookups = stats["hits"] + stats["misses"]
+            ratio = f"{100 * stats['hits'] / lookups:.1f}%" if lookups else "-"
+            kinds = stats["by_kind"]
+            print(f"directory   {stats['directory']}", file=out)
+            print(
+                f"size        {_size(stats['size'])} of {_size(stats['size_limit'])}"
+                f" ({100 * stats['size'] // max(stats['size_limit'], 1)}%)",
+                file=out,
+            )
+            print(
+                f"entries     {stats['entries']} ({kinds['blob']} blobs,"
+                f" {kinds['manifest']} manifests, {kinds['tag']} tags)",
+                file=out,
+            )
+            print(f"hit ratio   {ratio} ({stats['hits']} hits, {stats['misses']} misses)", file=out)
+        elif action == "verify":
+            checked, removed = store.verify()
+            for key in removed:
+                print(f"removed corrupt entry {key}", file=out)
+            print(
+                f"verified {checked} blobs and manifests: {len(removed)} corrupt, removed", file=out
+            )
+        else:
+            evicted = store.gc()
+            print(
+                f"evicted {evicted} entries; the cache holds {_size(store.stats()['size'])}",
+                file=out,
+            )
+    finally:
+        store.close()
+    return 0
+
+
+def _unused_runner(f, *args):  # type: ignore[no-untyped-def]
+    raise AssertionError("the command line runs store operations directly")
+
+
+def _size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
+        size /= 1024  # type: ignore[assignment]
+    return f"{size:.1f} TiB"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="txregistry", description="Diagnosis and upkeep for txregistry, the registry cache."
+    )
+    parser.add_argument("--version", action="version", version=f"txregistry {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    doctor = commands.add_parser("doctor", help="check every registry's mirrors from this machine")
+    doctor.add_argument("--config", help=f"config file (default: {DEFAULT_CONFIG})")
+
+    prefetch = commands.add_parser("prefetch", help="warm a running txregistry's cache with images")
+    prefetch.add_argument(
+        "references", nargs="+", metavar="REF", help="alpine:3.20, ghcr.io/org/img@sha256:..."
+    )
+    prefetch.add_argument(
+        "--server", help="txregistry's URL (default: its first listener in the config)"
+    )
+    prefetch.add_argument("--config", help=f"config file (default: {DEFAULT_CONFIG})")
+    platforms = prefetch.add_mutually_exclusive_group()
+    platforms.add_argument("--platform", help="os/arch[/variant] (default: this machine's)")
+    platforms.add_argument(
+        "--all-platforms", action="store_true", help="every platform of an index"
+    )
+
+    cache = commands.add_parser("cache", help="the cache's figures, verification and size limit")
+    cache.add_argument("action", choices=["stats", "verify", "gc"])
+    cache.add_argument("--config", help=f"config file (default: {DEFAULT_CONFIG})")
+
+    config_parser = commands.add_parser("config", help="validate a config file")
+    config_parser.add_argument("action", choices=["check"])
+    config_parser.add_argument("file")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "config":
+            return check_config(args.file, sys.stdout)
+        config = _load(args.config)
+        if args.command == "cache":
+            return cache_command(args.action, config, sys.stdout)
+        if args.command == "prefetch":
+            from txregistry.prefetch import PrefetchError, host_platform, run, server_from_listen
+
+            try:
+                server = args.server or server_from_listen(config.server.listen)
+            except PrefetchError as e:
+                print(f"txregistry prefetch: {e}", file=sys.stderr)
+                return 2
+            wanted = None if args.all_platforms else (args.platform or host_platform())
+            return run(server, args.references, wanted)
+        return run_doctor(config)
+    except ConfigError as e:
+        print(f"txregistry: config error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_doctor(config: Config) -> int:
+    """Run the doctor on a reactor of its own; return its exit code."""
+    from twisted.internet import task
+    from twisted.internet.defer import Deferred
+
+    from txregistry.doctor import doctor
+
+    codes: list[int] = []
+
+    async def diagnose(reactor: object) -> None:
+        codes.append(await doctor(reactor, config, sys.stdout))
+
+    try:
+        task.react(lambda reactor: Deferred.fromCoroutine(diagnose(reactor)))
+    except SystemExit as e:  # react() always ends with sys.exit
+        if e.code not in (0, None):
+            return int(e.code) if isinstance(e.code, int) else 1
+    return codes[0] if codes else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
