@@ -1,0 +1,122 @@
+"""The command line's pure parts: references, servers, doctor's conclusions."""
+
+import pytest
+
+from txregistry.config import MirrorConfig, RegistryConfig
+from txregistry.doctor import Check, MirrorReport, conclude, render
+from txregistry.prefetch import ImageRef, PrefetchError, parse_image_ref, server_from_listen
+
+DIGEST = "sha256:" + "a" * 64
+
+
+@pytest.mark.parametrize(
+    "text, image",
+    [
+        ("alpine", ImageRef("docker.io", "library/alpine", "latest")),
+        ("alpine:3.20", ImageRef("docker.io", "library/alpine", "3.20")),
+        ("postgres:17.2", ImageRef("docker.io", "library/postgres", "17.2")),
+        ("bitnami/redis:7", ImageRef("docker.io", "bitnami/redis", "7")),
+        ("docker.io/library/alpine:3.20", ImageRef("docker.io", "library/alpine", "3.20")),
+        ("index.docker.io/alpine", ImageRef("index.docker.io", "library/alpine", "latest")),
+        (f"ghcr.io/org/img@{DIGEST}", ImageRef("ghcr.io", "org/img", DIGEST)),
+        ("localhost:5000/team/app:v2", ImageRef("localhost:5000", "team/app", "v2")),
+    ],
+)
+def test_references_are_read_as_docker_reads_them(text, image):
+    assert parse_image_ref(text) == image
+
+
+@pytest.mark.parametrize("text", ["Alpine", "alpine:-bad", "ghcr.io/org/img@sha256:1234", ""])
+def test_bad_references(text):
+    with pytest.raises(ValueError):
+        parse_image_ref(text)
+
+
+def test_image_paths_name_the_registry():
+    image = parse_image_ref("alpine:3.20")
+    assert str(image) == "docker.io/library/alpine:3.20"
+    assert image.path("manifests", "3.20") == "/v2/docker.io/library/alpine/manifests/3.20"
+
+
+@pytest.mark.parametrize(
+    "listen, url",
+    [
+        (("tcp:5050:interface=127.0.0.1",), "http://127.0.0.1:5050"),
+        (("tcp:5050",), "http://127.0.0.1:5050"),
+        (("unix:/run/x.sock", "tcp6:5050:interface=\\:\\:1"), "http://[::1]:5050"),
+        (("ssl:5443:privateKey=k.pem",), "https://127.0.0.1:5443"),
+    ],
+)
+def test_server_is_the_first_tcp_listener(listen, url):
+    assert server_from_listen(listen) == url
+
+
+def test_no_tcp_listener():
+    with pytest.raises(PrefetchError):
+        server_from_listen(("unix:/run/x.sock",))
+
+
+HUB = RegistryConfig("docker.io", (MirrorConfig("https://registry-1.docker.io"),), default=True)
+
+
+def report(url="https://registry-1.docker.io", resolve_tags=True, **checks):
+    result = MirrorReport(MirrorConfig(url, resolve_tags))
+    names = {
+        "A": "A",
+        "AAAA": "AAAA",
+        "v4": "IPv4 connect",
+        "v6": "IPv6 connect",
+        "tls": "TLS",
+        "v2": "/v2/",
+        "token": "token",
+    }
+    for short, ok in checks.items():
+        result.checks[names[short]] = Check(ok, "ok" if ok else ("-" if ok is None else "failed"))
+    for name in names.values():
+        result.checks.setdefault(name, Check(None, "-"))
+    return result
+
+
+def test_ipv6_that_resolves_but_does_not_connect_is_fine_with_ipv4():
+    reports = [report(A=True, AAAA=True, v4=True, v6=False, tls=True, v2=True, token=True)]
+    assert conclude(HUB, reports) == (
+        True,
+        "IPv6 resolves but does not connect; txregistry uses IPv4: fine",
+    )
+
+
+def test_nothing_reachable():
+    reports = [
+        report(A=True, AAAA=False, v4=False, v2=False),
+        report("https://m.test", False, A=True, v4=False, v2=False),
+    ]
+    assert conclude(HUB, reports) == (False, "no mirror reachable: check DNS, firewall or proxy")
+
+
+def test_only_ipv6_addresses():
+    reports = [report(A=False, AAAA=True)]
+    usable, text = conclude(HUB, reports)
+    assert not usable and "no mirror has an IPv4 address, only IPv6" in text
+
+
+def test_tls_failing_everywhere():
+    reports = [report(A=True, v4=True, tls=False, v2=False)]
+    assert conclude(HUB, reports)[1].startswith("TLS fails with every mirror")
+
+
+def test_only_digest_only_mirrors_answer():
+    reports = [
+        report(A=True, v4=False, v2=False),
+        report("https://m.test", False, A=True, v4=True, tls=True, v2=True, token=True),
+    ]
+    usable, text = conclude(HUB, reports)
+    assert usable and "pulls by tag do not" in text
+
+
+def test_table_has_a_row_per_mirror_and_the_conclusion():
+    reports = [report(A=True, AAAA=True, v4=True, v6=False, tls=True, v2=True, token=True)]
+    text = render(HUB, reports, "the conclusion")
+    lines = text.splitlines()
+    assert lines[0] == "registry docker.io"
+    assert "IPv6 connect" in lines[1] and "FAIL failed" in lines[2]
+    assert lines[-1] == "  conclusion: the conclusion"
