@@ -7,7 +7,11 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 
 class CapturedLogs(list):
-    """Every log event emitted during a test, formatted as text."""
+    """Every log event emitted during a test, formatted as text; C{events} has them raw."""
+
+    def __init__(self):
+        super().__init__()
+        self.events = []
 
     def text(self) -> str:
         return "\n".join(self)
@@ -21,6 +25,7 @@ def logs():
     captured = CapturedLogs()
 
     def observe(event):
+        captured.events.append(event)
         text = formatEvent(event)
         failure = event.get("log_failure")
         if failure is not None:

@@ -108,11 +108,14 @@ def _address(port: IListeningPort) -> str:
     return str(host)
 
 
+# Module-level: as a class attribute, a Logger takes the class's namespace.
+_access_log = Logger(namespace="txregistry.access")
+
+
 class RegistryService(MultiService):
     """The whole of txregistry: cache, upstreams, HTTP API and listeners."""
 
     log = Logger()
-    access_log = Logger(namespace="txregistry.access")
 
     def __init__(
         self, config: Config, reactor: Any, resolver: IHostnameResolver | None = None
@@ -238,7 +241,7 @@ class RegistryService(MultiService):
     def _finished(self, finished: Finished) -> None:
         self.metrics.request_done(finished.kind, finished.status, finished.cache, finished.sent)
         if self.config.log.access_log:
-            self.access_log.info(
+            _access_log.info(
                 '{client} "{method} {path}" {status} {cache} {sent}B {duration:.3f}s{aborted}',
                 client=finished.client,
                 method=finished.method,

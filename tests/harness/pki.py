@@ -36,9 +36,17 @@ def _write_key(key, path: Path) -> None:
 
 
 class CertificateAuthority:
-    """A CA whose certificate tests trust, issuing certificates for loopback names."""
+    """
+    A CA whose certificate tests trust, issuing certificates for loopback
+    names; with C{issuer}, an intermediate CA signed by another.
+    """
 
-    def __init__(self, directory: Path, name: str = "txregistry test CA") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        name: str = "txregistry test CA",
+        issuer: CertificateAuthority | None = None,
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self._key = ec.generate_private_key(ec.SECP256R1())
@@ -46,7 +54,7 @@ class CertificateAuthority:
         self._cert = (
             x509.CertificateBuilder()
             .subject_name(_name(name))
-            .issuer_name(_name(name))
+            .issuer_name(issuer._cert.subject if issuer else _name(name))
             .public_key(self._key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))
@@ -66,10 +74,14 @@ class CertificateAuthority:
                 ),
                 critical=True,
             )
-            .sign(self._key, hashes.SHA256())
+            .sign(issuer._key if issuer else self._key, hashes.SHA256())
         )
         self.cert_path = directory / "ca.pem"
         self.cert_path.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
+
+    def intermediate(self, name: str) -> CertificateAuthority:
+        """A CA signed by this one, whose certificate servers send as their chain."""
+        return CertificateAuthority(self.directory / name, name, issuer=self)
 
     def issue(
         self, name: str, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")

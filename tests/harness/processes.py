@@ -17,6 +17,9 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+
 # Guards against a hung child, never a measurement.
 HANG_GUARD = 60.0
 
@@ -35,6 +38,8 @@ class Process:
         self.args = list(args)
         self.lines: list[str] = []
         self._changed = threading.Condition()
+        # Deferreds waiting for a line, fired in the reactor thread.
+        self._watchers: list[tuple[re.Pattern[str], Deferred]] = []
         self._log = open(log, "a") if log else None
         self.popen = subprocess.Popen(
             self.args,
@@ -62,9 +67,30 @@ class Process:
                 if self._log:
                     self._log.write(line)
                     self._log.flush()
+                for watcher in list(self._watchers):
+                    match = watcher[0].search(line)
+                    if match:
+                        self._watchers.remove(watcher)
+                        reactor.callFromThread(watcher[1].callback, match)
                 self._changed.notify_all()
         with self._changed:
             self._changed.notify_all()
+
+    def expect(self, pattern: str, start: int = 0) -> Deferred:
+        """
+        Like L{wait_for}, for tests that must keep the reactor running while
+        they wait: fires with the match when the line arrives.
+        """
+        regex = re.compile(pattern)
+        waiting: Deferred = Deferred()
+        with self._changed:
+            for line in self.lines[start:]:
+                match = regex.search(line)
+                if match:
+                    waiting.callback(match)
+                    return waiting
+            self._watchers.append((regex, waiting))
+        return waiting.addTimeout(HANG_GUARD, reactor)
 
     def wait_for(self, pattern: str, start: int = 0) -> re.Match[str]:
         """The first line from index C{start} on that matches C{pattern}."""

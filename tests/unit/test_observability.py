@@ -171,6 +171,7 @@ def test_access_log_line(tmp_path, logs):
         Finished("127.0.0.1", "GET", "/v2/x/blobs/sha256:ab", "blob", 200, "MISS", 10, 2.5, True)
     )
     assert logs.matching('127.0.0.1 "GET /v2/library/alpine/manifests/3.20" 200 HIT 1234B 0.012s')
+    assert logs.events[-1]["log_namespace"] == "txregistry.access"
     assert logs.matching('127.0.0.1 "GET /v2/x/blobs/sha256:ab" 200 MISS 10B 2.500s aborted')
 
 
