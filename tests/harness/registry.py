@@ -140,31 +140,8 @@ class DistributionRegistry:
         return len(self.process.lines)
 
     def upload_blob(self, repository: str, chunks: Callable[[], Iterator[bytes]]) -> str:
-        """
-        Push one blob straight to the registry (a monolithic upload), from
-        C{chunks()}, which is called twice: once to hash, once to send.
-        Returns its digest.
-        """
-        digest = hashlib.sha256()
-        size = 0
-        for chunk in chunks():
-            digest.update(chunk)
-            size += len(chunk)
-        name = f"sha256:{digest.hexdigest()}"
-        connection = http.client.HTTPConnection("127.0.0.1", self.port)
-        connection.request("POST", f"/v2/{repository}/blobs/uploads/")
-        started = connection.getresponse()
-        started.read()
-        assert started.status == 202, started.status
-        location = urlsplit(started.headers["Location"])
-        separator = "&" if location.query else "?"
-        path = f"{location.path}?{location.query}{separator}digest={name}"
-        connection.request("PUT", path, body=chunks(), headers={"Content-Length": str(size)})
-        done = connection.getresponse()
-        done.read()
-        assert done.status == 201, done.status
-        connection.close()
-        return name
+        """Push one blob straight to this registry; see L{upload_blob}."""
+        return upload_blob(self.port, repository, chunks)
 
     def blob_gets(self, since: int, repository: str | None = None) -> list[str]:
         """The blobs downloaded (GET, 200) since C{since}."""
@@ -175,6 +152,34 @@ class DistributionRegistry:
                 if repository is None or match[1] == repository:
                     gets.append(match[2])
         return gets
+
+
+def upload_blob(port: int, repository: str, chunks: Callable[[], Iterator[bytes]]) -> str:
+    """
+    Push one blob straight to a plain-HTTP registry on loopback (a
+    monolithic upload), from C{chunks()}, which is called twice: once to
+    hash, once to send.  Returns its digest.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in chunks():
+        digest.update(chunk)
+        size += len(chunk)
+    name = f"sha256:{digest.hexdigest()}"
+    connection = http.client.HTTPConnection("127.0.0.1", port)
+    connection.request("POST", f"/v2/{repository}/blobs/uploads/")
+    started = connection.getresponse()
+    started.read()
+    assert started.status == 202, started.status
+    location = urlsplit(started.headers["Location"])
+    separator = "&" if location.query else "?"
+    path = f"{location.path}?{location.query}{separator}digest={name}"
+    connection.request("PUT", path, body=chunks(), headers={"Content-Length": str(size)})
+    done = connection.getresponse()
+    done.read()
+    assert done.status == 201, done.status
+    connection.close()
+    return name
 
 
 def _unverified():

@@ -1,0 +1,1 @@
+"""txregistry's benchmarks: see bench/run and bench/RESULTS.md."""

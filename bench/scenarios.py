@@ -1,0 +1,255 @@
+"""
+The seven measurements, run against txregistry, the peer and the references.
+
+Every measurement is repeated C{runs} times and every sample kept; the
+report takes medians.  Within a run the servers are measured one after the
+other on the same content, so that they share the machine's state of the
+moment.  A fetch that gets the wrong number of bytes stops the bench: a
+figure from a broken transfer would be worse than none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from harness.network import free_port
+from harness.skopeo import Skopeo
+
+from bench.clients import MANIFEST_ACCEPT, Fetched, added_rss, fan_out, fetch, skopeo_copy, wrk
+from bench.content import Blob, push_blob, push_image
+from bench.servers import Nginx, Registry, Server, TxRegistry
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big and how many: the full bench, or the quick one CI runs."""
+
+    runs: int
+    blob: int
+    memory_blob: int
+    image_layers: int
+    layer_size: int
+    wrk_seconds: float
+    fan_out: int = 8
+    connections: int = 16
+
+
+FULL = Sizes(
+    runs=5, blob=256 * MiB, memory_blob=1024 * MiB, image_layers=4, layer_size=48 * MiB,
+    wrk_seconds=10,
+)  # fmt: skip
+QUICK = Sizes(
+    runs=2, blob=4 * MiB, memory_blob=16 * MiB, image_layers=2, layer_size=1 * MiB,
+    wrk_seconds=1,
+)  # fmt: skip
+
+Samples = dict[str, list[float]]
+S = TypeVar("S", bound=Server)
+
+
+def sha256_seconds(path: Path) -> float:
+    """
+    How long hashing a file already in memory takes on one core, with the
+    same OpenSSL that txregistry's hashlib uses: the floor for a cache that
+    must check every byte it stores.
+    """
+    data = path.read_bytes()
+    started = time.perf_counter()
+    hashlib.sha256(data).hexdigest()
+    return time.perf_counter() - started
+
+
+class Bench:
+    """The servers, started on loopback, and the samples measured against them."""
+
+    def __init__(self, directory: Path, sizes: Sizes, say: Callable[[str], None]) -> None:
+        self.directory = directory
+        self.sizes = sizes
+        self.say = say
+        self.samples: Samples = defaultdict(list)
+        self._seeds = itertools.count(1)
+        self._servers: list[Server] = []
+        self.skopeo = Skopeo(directory / "skopeo")
+
+    def start(self) -> None:
+        self.upstream = self._started(Registry("upstream", self.directory / "upstream"))
+        self.peer = self._started(
+            Registry("peer", self.directory / "peer", proxy_for=self.upstream.url)
+        )
+        self.txregistry = self._started(
+            TxRegistry(self.directory / "txregistry", self.upstream.url, free_port(), free_port())
+        )
+        self.nginx = self._started(
+            Nginx(self.directory / "nginx", self.upstream.storage, (free_port(), free_port()))
+        )
+
+    def _started(self, server: S) -> S:
+        self._servers.append(server)
+        return server
+
+    def stop(self) -> None:
+        for server in reversed(self._servers):
+            server.stop()
+
+    def run_all(self) -> Samples:
+        self.cold_single()
+        self.warm_single()
+        self.cold_fan_out()
+        self.warm_fan_out()
+        self.cached_manifest()
+        self.memory()
+        self.whole_image()
+        return dict(self.samples)
+
+    # Helpers.
+
+    def _record(self, key: str, value: float) -> None:
+        self.samples[key].append(value)
+
+    def _blob(self, size: int) -> Blob:
+        return push_blob(self.upstream.port, next(self._seeds), size)
+
+    def _fetch(self, url: str, blob: Blob) -> Fetched:
+        fetched = fetch(url)
+        if fetched.size != blob.size:
+            raise RuntimeError(f"{url}: got {fetched.size} bytes of {blob.size}")
+        return fetched
+
+    def _nginx_path(self, blob: Blob) -> str:
+        return "/" + str(self.upstream.blob_path(blob.digest).relative_to(self.upstream.storage))
+
+    def _nginx_urls(self, blob: Blob) -> tuple[str, str]:
+        path = self._nginx_path(blob)
+        return self.nginx.sendfile_url + path, self.nginx.copy_url + path
+
+    def _mb_per_s(self, size: int, seconds: float) -> float:
+        return size / seconds / 1e6
+
+    # 1. One client, a blob nobody has cached.
+
+    def cold_single(self) -> None:
+        self.say(f"1. cold single client, {self.sizes.blob // MiB} MiB")
+        for _ in range(self.sizes.runs):
+            blob = self._blob(self.sizes.blob)
+            for name, base in (
+                ("direct", self.upstream.url),
+                ("txregistry", self.txregistry.url),
+                ("peer", self.peer.url),
+            ):
+                seconds = self._fetch(base + blob.path(), blob).seconds
+                self._record(f"cold_single.{name}_s", seconds)
+            hashing = sha256_seconds(self.upstream.blob_path(blob.digest))
+            self._record("cold_single.sha256_s", hashing)
+        self.warm_blob = blob
+
+    # 2. One client, a blob in the cache.
+
+    def _warm_urls(self, blob: Blob) -> list[tuple[str, str]]:
+        sendfile, copy = self._nginx_urls(blob)
+        return [
+            ("txregistry", self.txregistry.url + blob.path()),
+            ("peer", self.peer.url + blob.path()),
+            ("nginx_sendfile", sendfile),
+            ("nginx_copy", copy),
+        ]
+
+    def warm_single(self) -> None:
+        self.say("2. warm single client")
+        blob = self.warm_blob
+        urls = self._warm_urls(blob)
+        for _, url in urls:
+            self._fetch(url, blob)  # every cache holds it before timing starts
+        for _ in range(self.sizes.runs):
+            for name, url in urls:
+                seconds = self._fetch(url, blob).seconds
+                self._record(f"warm_single.{name}_mb_s", self._mb_per_s(blob.size, seconds))
+
+    # 3. Eight clients at once, on a blob nobody has cached.
+
+    def cold_fan_out(self) -> None:
+        clients = self.sizes.fan_out
+        self.say(f"3. cold fan-out, {clients} clients")
+        for _ in range(self.sizes.runs):
+            blob = self._blob(self.sizes.blob)
+            self._record("cold_fan_out.direct_one_s", fan_out(self.upstream.url + blob.path(), 1))
+            self._record(
+                "cold_fan_out.nginx_s",
+                min(fan_out(url, clients) for url in self._nginx_urls(blob)),
+            )
+            for name, base in (("txregistry", self.txregistry.url), ("peer", self.peer.url)):
+                since = self.upstream.mark()
+                self._record(f"cold_fan_out.{name}_s", fan_out(base + blob.path(), clients))
+                gets = self.upstream.blob_gets(blob.digest, since, self.upstream.mark())
+                self._record(f"cold_fan_out.{name}_upstream_gets", gets)
+        self.fan_out_blob = blob
+
+    # 4. Eight clients at once, on a blob in the cache.
+
+    def warm_fan_out(self) -> None:
+        clients = self.sizes.fan_out
+        self.say(f"4. warm fan-out, {clients} clients")
+        blob = self.fan_out_blob
+        urls = self._warm_urls(blob)
+        for _, url in urls:
+            self._fetch(url, blob)
+        for _ in range(self.sizes.runs):
+            for name, url in urls:
+                seconds = fan_out(url, clients)
+                self._record(
+                    f"warm_fan_out.{name}_mb_s", self._mb_per_s(clients * blob.size, seconds)
+                )
+
+    # 5. A manifest by tag, cached and within its TTL.
+
+    def cached_manifest(self) -> None:
+        connections = self.sizes.connections
+        self.say(f"5. cached manifest by tag, wrk at {connections} connections")
+        image = push_image(self.upstream.port, next(self._seeds), 1, 1024)
+        path = f"/v2/{image.repository}/manifests/{image.tag}"
+        servers = (("txregistry", self.txregistry.url), ("peer", self.peer.url))
+        for _, base in servers:
+            fetch(base + path, MANIFEST_ACCEPT)  # cached, and within the TTL from here on
+        for _ in range(self.sizes.runs):
+            for name, base in servers:
+                rate = wrk(base + path, connections, self.sizes.wrk_seconds)
+                self._record(f"manifest.{name}_rps", rate.requests_per_second)
+                self._record(f"manifest.{name}_p99_ms", rate.p99_ms)
+
+    # 6. txregistry's memory while it streams a large blob.
+
+    def memory(self) -> None:
+        self.say(f"6. memory, {self.sizes.memory_blob // MiB} MiB")
+        blob = self._blob(self.sizes.memory_blob)
+        url = self.txregistry.url + blob.path()
+        for temperature in ("cold", "warm"):
+            added = added_rss(self.txregistry.pid, lambda: self._fetch(url, blob))
+            self._record(f"memory.{temperature}_added_mib", added / MiB)
+
+    # 7. A whole image with skopeo.
+
+    def whole_image(self) -> None:
+        sizes = self.sizes
+        self.say(f"7. whole image, {sizes.image_layers} layers of {sizes.layer_size // MiB} MiB")
+        destination = self.directory / "pulled"
+        hosts = (
+            ("direct", self.upstream.host),
+            ("txregistry", self.txregistry.host),
+            ("peer", self.peer.host),
+        )
+        for _ in range(sizes.runs):
+            image = push_image(
+                self.upstream.port, next(self._seeds), sizes.image_layers, sizes.layer_size
+            )
+            for temperature in ("cold", "warm"):
+                for name, host in hosts:
+                    seconds = skopeo_copy(self.skopeo, image.reference(host), destination)
+                    self._record(f"image.{temperature}_{name}_s", seconds)
