@@ -33,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         " except with --quick)",
     )
     parser.add_argument("--json", type=Path, help="write every sample and figure as JSON")
+    parser.add_argument(
+        "--only",
+        type=lambda text: {int(n) for n in text.split(",")},
+        default=set(range(1, 8)),
+        help="run only these scenarios, by number: --only 1,3",
+    )
     parser.add_argument("--keep", type=Path, help="work in this directory and keep the logs")
     options = parser.parse_args(argv)
     sizes = QUICK if options.quick else FULL
@@ -46,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(directory, sizes, say)
         try:
             bench.start()
-            samples = bench.run_all()
+            samples = bench.run(options.only)
         finally:
             bench.stop()
     figures = lines(samples, sizes)

@@ -55,86 +55,111 @@ class Line:
         return f"{self.value:.{precision[self.unit]}f} {self.unit}"
 
 
-def _median(samples: Samples, key: str) -> float:
-    return statistics.median(samples[key])
+class _Figures:
+    """Medians and worst runs of one bench's samples."""
+
+    def __init__(self, samples: Samples) -> None:
+        self.samples = samples
+
+    def m(self, key: str) -> float:
+        return statistics.median(self.samples[key])
+
+    def worst(self, key: str) -> float:
+        return max(self.samples[key])
 
 
-def lines(samples: Samples, sizes: Sizes) -> list[Line]:
-    """Every figure of the table, in order."""
-    m = lambda key: _median(samples, key)  # noqa: E731
-    worst = lambda key: max(samples[key])  # noqa: E731
-    out: list[Line] = []
-
+def _cold_single(f: _Figures, sizes: Sizes) -> list[Line]:
     s = f"1. Cold, one client, {sizes.blob // MiB} MiB blob"
-    out += [
-        Line(s, "direct from the upstream", m("cold_single.direct_s"), "s"),
-        Line(s, "txregistry", m("cold_single.txregistry_s"), "s"),
-        Line(s, "peer", m("cold_single.peer_s"), "s"),
-        Line(s, "txregistry / direct", m("cold_single.txregistry_s") / m("cold_single.direct_s"),
-             "x", Target(True, 1.15)),
-        Line(s, "peer / direct", m("cold_single.peer_s") / m("cold_single.direct_s"), "x"),
-        Line(s, "floor: sha256 of the blob on one core", m("cold_single.sha256_s"), "s"),
-        Line(s, "floor / direct", m("cold_single.sha256_s") / m("cold_single.direct_s"), "x"),
+    direct, tx, peer = (
+        f.m("cold_single.direct_s"),
+        f.m("cold_single.txregistry_s"),
+        f.m("cold_single.peer_s"),
+    )
+    sha256 = f.m("cold_single.sha256_s")
+    return [
+        Line(s, "direct from the upstream", direct, "s"),
+        Line(s, "txregistry", tx, "s"),
+        Line(s, "peer", peer, "s"),
+        Line(s, "txregistry / direct", tx / direct, "x", Target(True, 1.15)),
+        Line(s, "peer / direct", peer / direct, "x"),
+        Line(s, "floor: sha256 of the blob on one core", sha256, "s"),
+        Line(s, "floor / direct", sha256 / direct, "x"),
+    ]
+
+
+def _warm(f: _Figures, number: int, kind: str, clients: str) -> list[Line]:
+    s = f"{number}. Warm, {clients}"
+    tx = f.m(f"warm_{kind}.txregistry_mb_s")
+    peer = f.m(f"warm_{kind}.peer_mb_s")
+    sendfile = f.m(f"warm_{kind}.nginx_sendfile_mb_s")
+    copy = f.m(f"warm_{kind}.nginx_copy_mb_s")
+    return [
+        Line(s, "txregistry", tx, "MB/s"),
+        Line(s, "peer", peer, "MB/s"),
+        Line(s, "nginx, sendfile on", sendfile, "MB/s"),
+        Line(s, "nginx, sendfile off", copy, "MB/s"),
+        Line(s, "txregistry / faster nginx", tx / max(sendfile, copy), "x", Target(False, 0.9)),
+        Line(s, "txregistry / peer", tx / peer, "x", Target(False, 1.0)),
+    ]
+
+
+def _warm_single(f: _Figures, sizes: Sizes) -> list[Line]:
+    return _warm(f, 2, "single", "one client")
+
+
+def _cold_fan_out(f: _Figures, sizes: Sizes) -> list[Line]:
+    s = f"3. Cold, {sizes.fan_out} clients on the same blob"
+    direct = f.m("cold_fan_out.direct_one_s")
+    tx, peer, nginx = (f.m(f"cold_fan_out.{name}_s") for name in ("txregistry", "peer", "nginx"))
+    return [
+        Line(s, "one client, direct from the upstream", direct, "s"),
+        Line(s, "txregistry, until the last client is done", tx, "s"),
+        Line(s, "peer, until the last client is done", peer, "s"),
+        Line(s, "txregistry / one direct", tx / direct, "x", Target(True, 1.5)),
+        Line(s, "peer / one direct", peer / direct, "x"),
+        Line(s, f"floor: faster nginx, {sizes.fan_out} clients, from disk", nginx, "s"),
+        Line(s, "floor / one direct", nginx / direct, "x"),
+        Line(s, "upstream GETs of the blob, txregistry (worst run)",
+             f.worst("cold_fan_out.txregistry_upstream_gets"), "GETs", Target(True, 1)),
+        Line(s, "upstream GETs of the blob, peer (worst run)",
+             f.worst("cold_fan_out.peer_upstream_gets"), "GETs"),
     ]  # fmt: skip
 
-    for number, kind, clients in ((2, "single", "one client"), (4, "fan_out", None)):
-        clients = clients or f"{sizes.fan_out} clients, aggregate"
-        s = f"{number}. Warm, {clients}"
-        tx = m(f"warm_{kind}.txregistry_mb_s")
-        peer = m(f"warm_{kind}.peer_mb_s")
-        nginx = max(m(f"warm_{kind}.nginx_sendfile_mb_s"), m(f"warm_{kind}.nginx_copy_mb_s"))
-        out += [
-            Line(s, "txregistry", tx, "MB/s"),
-            Line(s, "peer", peer, "MB/s"),
-            Line(s, "nginx, sendfile on", m(f"warm_{kind}.nginx_sendfile_mb_s"), "MB/s"),
-            Line(s, "nginx, sendfile off", m(f"warm_{kind}.nginx_copy_mb_s"), "MB/s"),
-            Line(s, "txregistry / faster nginx", tx / nginx, "x", Target(False, 0.9)),
-            Line(s, "txregistry / peer", tx / peer, "x", Target(False, 1.0)),
-        ]
-        if number == 2:
-            s = f"3. Cold, {sizes.fan_out} clients on the same blob"
-            direct = m("cold_fan_out.direct_one_s")
-            out += [
-                Line(s, "one client, direct from the upstream", direct, "s"),
-                Line(s, "txregistry, until the last client is done", m("cold_fan_out.txregistry_s"),
-                     "s"),
-                Line(s, "peer, until the last client is done", m("cold_fan_out.peer_s"), "s"),
-                Line(s, "txregistry / one direct", m("cold_fan_out.txregistry_s") / direct, "x",
-                     Target(True, 1.5)),
-                Line(s, "peer / one direct", m("cold_fan_out.peer_s") / direct, "x"),
-                Line(s, "floor: faster nginx, 8 clients, from disk", m("cold_fan_out.nginx_s"),
-                     "s"),
-                Line(s, "floor / one direct", m("cold_fan_out.nginx_s") / direct, "x"),
-                Line(s, "upstream GETs of the blob, txregistry (worst run)",
-                     worst("cold_fan_out.txregistry_upstream_gets"), "GETs", Target(True, 1)),
-                Line(s, "upstream GETs of the blob, peer (worst run)",
-                     worst("cold_fan_out.peer_upstream_gets"), "GETs"),
-            ]  # fmt: skip
 
+def _warm_fan_out(f: _Figures, sizes: Sizes) -> list[Line]:
+    return _warm(f, 4, "fan_out", f"{sizes.fan_out} clients, aggregate")
+
+
+def _manifest(f: _Figures, sizes: Sizes) -> list[Line]:
     s = f"5. Manifest by tag, cached, wrk at {sizes.connections} connections"
-    out += [
-        Line(s, "txregistry", m("manifest.txregistry_rps"), "req/s"),
-        Line(s, "peer", m("manifest.peer_rps"), "req/s"),
-        Line(s, "txregistry / peer", m("manifest.txregistry_rps") / m("manifest.peer_rps"), "x",
-             Target(False, 3.0)),
-        Line(s, "txregistry, p99 latency", m("manifest.txregistry_p99_ms"), "ms"),
-        Line(s, "peer, p99 latency", m("manifest.peer_p99_ms"), "ms"),
-    ]  # fmt: skip
+    tx, peer = f.m("manifest.txregistry_rps"), f.m("manifest.peer_rps")
+    return [
+        Line(s, "txregistry", tx, "req/s"),
+        Line(s, "peer", peer, "req/s"),
+        Line(s, "txregistry / peer", tx / peer, "x", Target(False, 3.0)),
+        Line(s, "txregistry, p99 latency", f.m("manifest.txregistry_p99_ms"), "ms"),
+        Line(s, "peer, p99 latency", f.m("manifest.peer_p99_ms"), "ms"),
+    ]
 
+
+def _memory(f: _Figures, sizes: Sizes) -> list[Line]:
     s = f"6. txregistry's memory, {sizes.memory_blob // MiB} MiB blob"
-    out += [
-        Line(s, "peak RSS added, streaming it cold", worst("memory.cold_added_mib"), "MiB",
+    return [
+        Line(s, "peak RSS added, streaming it cold", f.worst("memory.cold_added_mib"), "MiB",
              Target(True, 50)),
-        Line(s, "peak RSS added, serving it warm", worst("memory.warm_added_mib"), "MiB",
+        Line(s, "peak RSS added, serving it warm", f.worst("memory.warm_added_mib"), "MiB",
              Target(True, 50)),
     ]  # fmt: skip
 
+
+def _whole_image(f: _Figures, sizes: Sizes) -> list[Line]:
     layers = f"{sizes.image_layers} layers of {sizes.layer_size // MiB} MiB"
     s = f"7. Whole image, skopeo copy, {layers}"
+    out = []
     for temperature in ("cold", "warm"):
-        tx = m(f"image.{temperature}_txregistry_s")
-        direct = m(f"image.{temperature}_direct_s")
-        peer = m(f"image.{temperature}_peer_s")
+        direct, tx, peer = (
+            f.m(f"image.{temperature}_{name}_s") for name in ("direct", "txregistry", "peer")
+        )
         out += [
             Line(s, f"{temperature}: direct from the upstream", direct, "s"),
             Line(s, f"{temperature}: txregistry", tx, "s"),
@@ -142,6 +167,28 @@ def lines(samples: Samples, sizes: Sizes) -> list[Line]:
             Line(s, f"{temperature}: txregistry / direct", tx / direct, "x"),
             Line(s, f"{temperature}: txregistry / peer", tx / peer, "x"),
         ]
+    return out
+
+
+# Each scenario's figures, by the prefix of its samples' keys.
+_SCENARIOS = {
+    "cold_single.": _cold_single,
+    "warm_single.": _warm_single,
+    "cold_fan_out.": _cold_fan_out,
+    "warm_fan_out.": _warm_fan_out,
+    "manifest.": _manifest,
+    "memory.": _memory,
+    "image.": _whole_image,
+}
+
+
+def lines(samples: Samples, sizes: Sizes) -> list[Line]:
+    """Every figure of the table, in order, for the scenarios that were run."""
+    figures = _Figures(samples)
+    out: list[Line] = []
+    for prefix, scenario in _SCENARIOS.items():
+        if any(key.startswith(prefix) for key in samples):
+            out += scenario(figures, sizes)
     return out
 
 

@@ -14,7 +14,7 @@ import hashlib
 import itertools
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -78,6 +78,9 @@ class Bench:
         self.samples: Samples = defaultdict(list)
         self._seeds = itertools.count(1)
         self._servers: list[Server] = []
+        # Left by the cold scenarios for the warm ones.
+        self.warm_blob: Blob | None = None
+        self.fan_out_blob: Blob | None = None
         self.skopeo = Skopeo(directory / "skopeo")
 
     def start(self) -> None:
@@ -100,14 +103,20 @@ class Bench:
         for server in reversed(self._servers):
             server.stop()
 
-    def run_all(self) -> Samples:
-        self.cold_single()
-        self.warm_single()
-        self.cold_fan_out()
-        self.warm_fan_out()
-        self.cached_manifest()
-        self.memory()
-        self.whole_image()
+    def run(self, only: Collection[int] = range(1, 8)) -> Samples:
+        """Run the scenarios numbered in C{only}, in order; return the samples."""
+        scenarios = [
+            self.cold_single,
+            self.warm_single,
+            self.cold_fan_out,
+            self.warm_fan_out,
+            self.cached_manifest,
+            self.memory,
+            self.whole_image,
+        ]
+        for number, scenario in enumerate(scenarios, 1):
+            if number in only:
+                scenario()
         return dict(self.samples)
 
     # Helpers.
@@ -164,7 +173,7 @@ class Bench:
 
     def warm_single(self) -> None:
         self.say("2. warm single client")
-        blob = self.warm_blob
+        blob = self.warm_blob or self._blob(self.sizes.blob)
         urls = self._warm_urls(blob)
         for _, url in urls:
             self._fetch(url, blob)  # every cache holds it before timing starts
@@ -197,7 +206,7 @@ class Bench:
     def warm_fan_out(self) -> None:
         clients = self.sizes.fan_out
         self.say(f"4. warm fan-out, {clients} clients")
-        blob = self.fan_out_blob
+        blob = self.fan_out_blob or self._blob(self.sizes.blob)
         urls = self._warm_urls(blob)
         for _, url in urls:
             self._fetch(url, blob)

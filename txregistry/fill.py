@@ -390,12 +390,17 @@ class FillFromResponse(Protocol):
     Feeds an upstream response body into a L{BlobFill}, skipping its first
     C{skip} bytes, and cuts the connection if it goes quiet for the fill's
     C{body_timeout}.
+
+    The stall timer is not re-armed for every chunk, which would cost a
+    timer cancel and a new timer per 64 KiB: each chunk only notes the time,
+    and the timer, when it fires, re-arms itself for whatever is left.
     """
 
     def __init__(self, fill: BlobFill, skip: int = 0) -> None:
         self._fill = fill
         self._skip = skip
         self._timer: IDelayedCall | None = None
+        self._last_data = 0.0
         self._held = False
         self._stopped = False
 
@@ -404,19 +409,32 @@ class FillFromResponse(Protocol):
         self._wind()
 
     def _wind(self) -> None:
+        """Start the stall timer afresh, or stop it while the download is held or done."""
+        self._cancel_timer()
+        if not self._held and not self._stopped:
+            self._last_data = self._fill.clock.seconds()
+            self._arm(self._fill.policy.body_timeout)
+
+    def _arm(self, delay: float) -> None:
+        self._timer = self._fill.clock.callLater(delay, self._check_stall)
+
+    def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if not self._held and not self._stopped:
-            self._timer = self._fill.clock.callLater(self._fill.policy.body_timeout, self._stalled)
 
-    def _stalled(self) -> None:
+    def _check_stall(self) -> None:
         self._timer = None
+        quiet = self._fill.clock.seconds() - self._last_data
+        timeout = self._fill.policy.body_timeout
+        if quiet < timeout:
+            self._arm(timeout - quiet)
+            return
         self._fill.log.warn(
             "download of {digest} from {source}: nothing received for {timeout}s",
             digest=str(self._fill.digest),
             source=self._fill.source,
-            timeout=self._fill.policy.body_timeout,
+            timeout=timeout,
         )
         self.stop()
 
@@ -440,7 +458,7 @@ class FillFromResponse(Protocol):
             IPushProducer(self.transport).stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
-        self._wind()
+        self._last_data = self._fill.clock.seconds()
         if self._skip:
             skipped = min(self._skip, len(data))
             self._skip -= skipped

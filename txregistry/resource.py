@@ -39,7 +39,13 @@ from txregistry.proxy import (
     PullThroughCache,
 )
 from txregistry.routing import Kind, Route, Router, push_unsupported
-from txregistry.sender import ByteSource, CompleteFile, FileSender, abort_connection
+from txregistry.sender import (
+    ByteSource,
+    CompleteFile,
+    FileSender,
+    abort_connection,
+    send_in_large_pieces,
+)
 
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 _READ_METHODS = (b"GET", b"HEAD")
@@ -314,6 +320,10 @@ class RegistryChannel(HTTPChannel):
     _first_data = True
     _header_timer: IDelayedCall | None = None
     _in_request = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        send_in_large_pieces(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         if self._first_data and data:

@@ -9,7 +9,8 @@ is streamed with the client's backpressure pausing the upstream.
 import os
 
 from harness.memory import BufferedTransport, MemoryRegistry
-from twisted.internet.testing import StringTransport
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.resource import Resource
@@ -17,7 +18,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from txregistry.fill import StreamThrough
 from txregistry.reference import Digest
-from txregistry.sender import CHUNK_SIZE
+from txregistry.sender import CHUNK_SIZE, SEND_SIZE, send_in_large_pieces
 
 LIMIT = 128 * 1024
 # What may wait in the client's buffer: the limit, the chunk that crossed
@@ -122,3 +123,16 @@ def test_stream_through_pauses_the_upstream_for_a_slow_client():
     assert client.peak <= BOUND
     body = client.delivered.split(b"\r\n\r\n", 1)[1]
     assert body == blob
+
+
+def test_client_sockets_are_given_large_sends_even_under_tls() -> None:
+    socket_transport = FileDescriptor(MemoryReactor())
+    assert socket_transport.SEND_LIMIT < SEND_SIZE
+
+    class TLSLayer:
+        transport = socket_transport
+
+    send_in_large_pieces(TLSLayer())
+    assert socket_transport.SEND_LIMIT == SEND_SIZE
+    assert FileDescriptor.SEND_LIMIT < SEND_SIZE, "only that connection is changed"
+    send_in_large_pieces(StringTransport())  # not a socket: left alone

@@ -16,6 +16,7 @@ from twisted.internet.task import Clock
 
 from txregistry import fill as fill_module
 from txregistry import proxy as proxy_module
+from txregistry import sender as sender_module
 from txregistry.reference import Digest
 from txregistry.store import CacheStore
 
@@ -157,6 +158,9 @@ def test_full_disk_still_serves_the_whole_verified_blob_uncached(tmp_path, monke
 
 
 def test_relaying_waits_for_the_slowest_client(tmp_path, monkeypatch):
+    # Scaled down together: a sender's chunk is smaller than the window, as
+    # in production (1 MiB and 8 MiB).
+    monkeypatch.setattr(sender_module, "CHUNK_SIZE", 16 * 1024)
     monkeypatch.setattr(
         proxy_module,
         "FillPolicy",
