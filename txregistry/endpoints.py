@@ -57,6 +57,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
+from txregistry.bulk import read_in_large_pieces
 from txregistry.config import ConfigError, ProxyConfig, ProxyServer, RegistryConfig, Secret
 from txregistry.httpclient import TimedOut, within
 
@@ -172,6 +173,7 @@ class FamilyEndpoint:
             )
             try:
                 protocol: IProtocol = await endpoint.connect(factory)
+                read_in_large_pieces(getattr(protocol, "transport", None))
                 return protocol
             except (defer.CancelledError, ConnectingCancelledError):
                 # We were cancelled, by our timeout or our caller: stop.

@@ -26,6 +26,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from txregistry.bulk import send_in_large_pieces
 from txregistry.errors import RegistryError
 from txregistry.fill import StreamThrough
 from txregistry.metrics import CONTENT_TYPE
@@ -44,7 +45,6 @@ from txregistry.sender import (
     CompleteFile,
     FileSender,
     abort_connection,
-    send_in_large_pieces,
 )
 
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")

@@ -16,9 +16,10 @@ from twisted.web.client import ResponseDone
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from txregistry.bulk import READ_SIZE, SEND_SIZE, read_in_large_pieces, send_in_large_pieces
 from txregistry.fill import StreamThrough
 from txregistry.reference import Digest
-from txregistry.sender import CHUNK_SIZE, SEND_SIZE, send_in_large_pieces
+from txregistry.sender import CHUNK_SIZE
 
 LIMIT = 128 * 1024
 # What may wait in the client's buffer: the limit, the chunk that crossed
@@ -125,14 +126,16 @@ def test_stream_through_pauses_the_upstream_for_a_slow_client():
     assert body == blob
 
 
-def test_client_sockets_are_given_large_sends_even_under_tls() -> None:
+def test_sockets_are_given_large_reads_and_sends_even_under_tls() -> None:
     socket_transport = FileDescriptor(MemoryReactor())
-    assert socket_transport.SEND_LIMIT < SEND_SIZE
+    assert socket_transport.SEND_LIMIT < SEND_SIZE and socket_transport.bufferSize < READ_SIZE
 
     class TLSLayer:
         transport = socket_transport
 
     send_in_large_pieces(TLSLayer())
-    assert socket_transport.SEND_LIMIT == SEND_SIZE
+    read_in_large_pieces(TLSLayer())
+    assert (socket_transport.SEND_LIMIT, socket_transport.bufferSize) == (SEND_SIZE, READ_SIZE)
     assert FileDescriptor.SEND_LIMIT < SEND_SIZE, "only that connection is changed"
+    assert FileDescriptor.bufferSize < READ_SIZE
     send_in_large_pieces(StringTransport())  # not a socket: left alone
