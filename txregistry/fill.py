@@ -1,12 +1,17 @@
 """
 Downloading a blob from upstream while clients read it.
 
-A L{BlobFill} writes the upstream's bytes to a temporary file and hashes
-them as they arrive.  Any number of L{FileSender}s follow the file as it
-grows, each at its own pace, so a slow client costs a file offset, not
-memory, and slows neither the download nor the other clients.  None of them
-is given the last byte until the size and digest have been checked: a
-client can never take a corrupt or truncated blob for a complete one.
+A L{BlobFill} hands the upstream's bytes to a spool (L{txregistry.spool}),
+which writes them to a temporary file and hashes them, and keeps them in
+memory until they are on disk.  Any number of L{FileSender}s follow the
+download, each at its own pace: a client at the front is sent the bytes
+just received, from memory, and one behind reads them back from the file.
+A slow client therefore costs a file offset, not memory, and slows neither
+the download nor the other clients.  None of them is given the last byte
+until the size and digest have been checked: a client can never take a
+corrupt or truncated blob for a complete one.  When the disk is slower than
+the upstream, the download waits for it once C{relay_window} bytes are
+waiting in memory.
 
 When the upstream connection is cut, or sends nothing for C{body_timeout},
 the download resumes with a C{Range} request from the byte already
@@ -16,9 +21,10 @@ too are their connections aborted.  Nothing partial or unverified is ever
 cached.
 
 If the file cannot be written (the disk is full), the fill I{relays}: what
-is on disk stays readable, new bytes are kept in a bounded window in
-memory, and the download waits for the slowest client when the window is
-full.  The clients still get the whole, verified blob; it is not cached.
+is on disk stays readable, new bytes stay in memory until every client has
+sent them, and the download waits for the slowest client when
+C{relay_window} bytes are waiting.  The clients still get the whole,
+verified blob; it is not cached.
 
 L{StreamThrough} pipes an upstream response straight to one client when a
 blob is not to be cached at all (it is larger than the cache, say).
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
@@ -45,6 +52,7 @@ from zope.interface import implementer
 from txregistry.httpclient import describe_failure
 from txregistry.reference import Digest
 from txregistry.sender import FileSender, abort_connection
+from txregistry.spool import InlineSpool, SpoolFactory
 from txregistry.upstream import UpstreamResponse
 
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -83,13 +91,62 @@ class FillPolicy:
         counts as cut.
     @ivar fill_without_clients: whether a download goes on once every
         client that wanted it has gone, so that the next pull is a hit.
-    @ivar relay_window: how many bytes a relaying fill keeps in memory.
+    @ivar relay_window: how many bytes a fill keeps in memory, not yet on
+        disk or, when relaying, not yet sent to every client, before it
+        pauses the download.  Larger than a sender's chunk.
     """
 
     resume_attempts: int = 3
     body_timeout: float = 30.0
     fill_without_clients: bool = True
     relay_window: int = 8 << 20
+
+
+class _Tail:
+    """
+    The newest bytes of a download, kept in memory, as the chunks they
+    arrived in: from C{start} to C{start + size}.
+    """
+
+    def __init__(self) -> None:
+        self.start = 0
+        self.size = 0
+        self._chunks: deque[bytes] = deque()
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+    def append(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self.size += len(data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Up to C{length} bytes from C{offset}, from one chunk; whole chunks are not copied."""
+        position = self.start
+        for chunk in self._chunks:
+            if offset < position + len(chunk):
+                skip = offset - position
+                if skip == 0 and len(chunk) <= length:
+                    return chunk
+                return chunk[skip : skip + length]
+            position += len(chunk)
+        return b""
+
+    def drop_before(self, offset: int) -> None:
+        """Forget the bytes before C{offset}."""
+        while self._chunks and self.start < offset:
+            chunk = self._chunks.popleft()
+            drop = min(len(chunk), offset - self.start)
+            if drop < len(chunk):
+                # Only when relaying, or the disk took part of a chunk: the
+                # spool's writes are otherwise whole chunks.
+                self._chunks.appendleft(chunk[drop:])
+            self.start += drop
+            self.size -= drop
+
+    def clear(self) -> None:
+        self.drop_before(self.end)
 
 
 class BlobFill:
@@ -121,6 +178,7 @@ class BlobFill:
         resume: Resumer | None = None,
         on_relay: Callable[[BlobFill, str], None] | None = None,
         on_data: Callable[[int], None] | None = None,
+        spool: SpoolFactory = InlineSpool,
     ) -> None:
         self.digest = digest
         self.expected_size = expected_size
@@ -138,16 +196,21 @@ class BlobFill:
         self._on_data = on_data
         # Fired by the owner once it hands the fill out no more.
         self.settled: Deferred[None] = Deferred()
-        self._hash = digest.hasher()
+        self._spool = spool(fd, digest.hasher())
         self._complete = False
+        self._download_ended = False
         self._failure: Failure | None = None
         self._senders: set[FileSender] = set()
         self._references = 1
         self._download: FillFromResponse | None = None
-        # Relaying: bytes from _memory_start on are in _memory, not on disk.
+        # Bytes before _on_disk are in the file; bytes from _tail.start on
+        # are in memory.  _tail.start <= _on_disk, except when relaying,
+        # when bytes every client has sent may be gone from both.
         self._on_disk = 0
-        self._memory: bytearray | None = None
-        self._memory_start = 0
+        self._tail = _Tail()
+        self._relaying = False
+        self._paused = False
+        self._waiting_for_disk = False
 
     def start(self, response: UpstreamResponse) -> None:
         """Download from C{response}'s body."""
@@ -157,13 +220,13 @@ class BlobFill:
 
     def read(self, offset: int, length: int) -> bytes:
         assert self._fd is not None
-        if offset < self._on_disk:
-            return os.pread(self._fd, min(length, self._on_disk - offset), offset)
-        assert self._memory is not None
-        start = offset - self._memory_start
-        assert start >= 0, "a client fell behind the relay window"
-        data = bytes(self._memory[start : start + length])
-        self._trim_memory()
+        if self._tail.start <= offset < self._tail.end:
+            data = self._tail.read(offset, length)
+        else:
+            assert offset < self._on_disk, "a client fell behind the relay window"
+            data = os.pread(self._fd, min(length, self._on_disk - offset), offset)
+        if self._relaying:
+            self._trim()
         return data
 
     def available(self) -> int:
@@ -183,12 +246,10 @@ class BlobFill:
         self._senders.discard(sender)
         if self._senders or not self.active:
             return
-        if self._memory is not None:
+        if self._relaying:
             self._abandon("every client it was relayed to has gone")
         elif not self.policy.fill_without_clients:
             self._abandon("every client that wanted it has gone")
-        else:
-            self._trim_memory()
 
     def acquire(self) -> BlobFill:
         """Take a reference, for someone the fill is handed to."""
@@ -205,45 +266,57 @@ class BlobFill:
     @property
     def active(self) -> bool:
         """Whether bytes are still arriving."""
-        return not self._complete and self._failure is None
+        return not self._download_ended and self._failure is None
+
+    @property
+    def _settled(self) -> bool:
+        return self._complete or self._failure is not None
 
     # Driven by the download.
 
     def write(self, data: bytes) -> None:
         if not self.active:
             return
-        unwritten = data
-        if self._memory is None:
-            written, error = self._write_to_disk(data)
-            unwritten = data[written:]
-            if error is not None:
-                self._start_relaying(error)
-        if self._memory is not None:
-            # Only what did not reach the disk: a full disk can take part
-            # of a chunk before it refuses the rest.
-            self._memory += unwritten
-        self._hash.update(data)
+        self._spool.append(data)
+        self._tail.append(data)
         self.received += len(data)
         if self._on_data is not None:
             self._on_data(len(data))
-        if self._memory is not None and len(self._memory) > self.policy.relay_window:
-            # The slowest client is a window behind: wait for it.
-            self._pause_download(True)
+        self._trim()
         self._notify()
 
-    def _write_to_disk(self, data: bytes) -> tuple[int, OSError | None]:
-        """Write C{data} to the file; return how much was written, and why not all."""
-        assert self._fd is not None
-        view = memoryview(data)
-        total = 0
-        while total < len(data):
-            try:
-                written = os.write(self._fd, view[total:])
-            except OSError as e:
-                return total, e
-            total += written
-            self._on_disk += written
-        return total, None
+    def _trim(self) -> None:
+        """
+        Catch up with the spool, drop what memory need not hold any more,
+        and pause or resume the download by how much it holds.
+        """
+        self._on_disk = self._spool.written
+        failure = self._spool.failure
+        if failure is not None and not self._relaying and not self._settled:
+            self._start_relaying(failure)
+        keep_from = self._on_disk
+        if self._relaying:
+            slowest = min((s.offset for s in self._senders), default=self.received)
+            keep_from = max(keep_from, slowest)
+        self._tail.drop_before(keep_from)
+        if self._tail.size > self.policy.relay_window:
+            # The disk, or when relaying the slowest client, is a window behind.
+            self._pause_download(True)
+        elif self._tail.size <= self.policy.relay_window // 2:
+            self._pause_download(False)
+        if self._paused and not self._relaying:
+            self._wait_for_disk()
+
+    def _wait_for_disk(self) -> None:
+        if not self._waiting_for_disk:
+            self._waiting_for_disk = True
+            self._spool.wake_on_progress(self._on_disk, self._disk_progressed)
+
+    def _disk_progressed(self) -> None:
+        self._waiting_for_disk = False
+        if not self._settled:
+            self._trim()
+            self._notify()
 
     def _start_relaying(self, error: OSError) -> None:
         reason = f"cannot write to the cache: {error.strerror or error}"
@@ -253,38 +326,33 @@ class BlobFill:
             reason=reason,
         )
         self.cacheable = False
-        self._memory = bytearray()
-        self._memory_start = self._on_disk
+        self._relaying = True
         if self._on_relay is not None:
             self._on_relay(self, reason)
 
-    def _trim_memory(self) -> None:
-        """Drop relayed bytes that every client has already sent."""
-        if self._memory is None:
-            return
-        low = min((s.offset for s in self._senders), default=self.received)
-        drop = min(low - self._memory_start, len(self._memory))
-        if drop > 0:
-            del self._memory[:drop]
-            self._memory_start += drop
-        if len(self._memory) <= self.policy.relay_window // 2:
-            self._pause_download(False)
-
     def _pause_download(self, paused: bool) -> None:
+        self._paused = paused
         if self._download is not None:
             self._download.hold(paused)
 
     def finish(self) -> None:
-        """The upstream response ended normally: check what arrived."""
+        """The upstream response ended normally: check what arrived, once it is spooled."""
         if not self.active:
             return
+        self._download_ended = True
+        self._download = None
+        self._spool.close().addCallbacks(self._spooled, self.fail)
+
+    def _spooled(self, hex_digest: str) -> None:
+        if self._settled:
+            return
+        self._trim()
         try:
-            _check(self.digest, self.expected_size, self.received, self._hash.hexdigest())
+            _check(self.digest, self.expected_size, self.received, hex_digest)
         except BlobCheckFailed as e:
             self.fail(Failure(e))
             return
         self._complete = True
-        self._download = None
         if not self.cacheable:
             self.discard_file()
         self._notify()
@@ -349,9 +417,10 @@ class BlobFill:
 
     def fail(self, reason: Failure) -> None:
         """The download cannot complete: abort every client, drop the file."""
-        if not self.active:
+        if self._settled:
             return
         self._failure = reason
+        self._spool.abandon()
         self._pause_download(False)
         download, self._download = self._download, None
         if download is not None:
@@ -363,7 +432,7 @@ class BlobFill:
             received=self.received,
             reason=describe_failure(reason),
         )
-        self._memory = None if self._memory is None else bytearray()
+        self._tail.clear()
         self.discard_file()
         self._notify()
         self.verified.errback(reason)
@@ -407,6 +476,9 @@ class FillFromResponse(Protocol):
     def connectionMade(self) -> None:
         self._fill._download = self
         self._wind()
+        if self._fill._paused:
+            # A resumed download, while the fill waits for its disk or clients.
+            self.hold(True)
 
     def _wind(self) -> None:
         """Start the stall timer afresh, or stop it while the download is held or done."""

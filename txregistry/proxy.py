@@ -43,6 +43,7 @@ from txregistry.mirrors import (
 from txregistry.reference import Digest, Tag
 from txregistry.routing import Route
 from txregistry.singleflight import SingleFlight
+from txregistry.spool import InlineSpool, SpoolFactory
 from txregistry.store import CachedBlob, CachedManifest, CacheStore, TagEntry
 from txregistry.upstream import FetchedManifest, Upstream, UpstreamResponse
 
@@ -182,8 +183,15 @@ class PullThroughCache:
         upstreams: dict[str, Upstream],
         clock: IReactorTime,
         config: CacheConfig,
+        spool: SpoolFactory = InlineSpool,
     ) -> None:
+        """
+        @param spool: how downloads are written and hashed: on threads of
+            their own in the service, inline in tests that drive the
+            reactor by hand.
+        """
         self.store = store
+        self._spool = spool
         self._upstreams = upstreams
         self._clock = clock
         self._config = config
@@ -502,6 +510,7 @@ class PullThroughCache:
             resume=self._resumer(route, digest),
             on_relay=self._relaying,
             on_data=self.count_fetched,
+            spool=self._spool,
         )
         self._fills[digest] = fill
         self.log.info(

@@ -47,6 +47,7 @@ from txregistry.metrics import Metrics
 from txregistry.proxy import PullThroughCache
 from txregistry.resource import Finished, RegistryResource, RegistrySite
 from txregistry.routing import Router
+from txregistry.spool import threaded_spools
 from txregistry.store import CacheStore
 from txregistry.systemd import notify
 from txregistry.upstream import Upstream
@@ -141,7 +142,13 @@ class RegistryService(MultiService):
             r.name: Upstream(r, registry_agent(reactor, resolver, r), clock)
             for r in config.registries
         }
-        self.cache = PullThroughCache(self.store, self.upstreams, clock, config.cache)
+        self.cache = PullThroughCache(
+            self.store,
+            self.upstreams,
+            clock,
+            config.cache,
+            spool=threaded_spools(reactor),
+        )
         self.metrics = Metrics(self.cache, self.upstreams, self.store)
         router = Router(config.registries)
         server = config.server

@@ -37,6 +37,7 @@ from txregistry.proxy import PullThroughCache
 from txregistry.reference import Digest
 from txregistry.resource import Finished, RegistryResource, RegistrySite
 from txregistry.routing import Router
+from txregistry.spool import InlineSpool, SpoolFactory
 from txregistry.store import CacheStore
 from txregistry.upstream import Upstream
 
@@ -420,11 +421,14 @@ class MemoryRegistry:
         tag_ttl: float = 300.0,
         size_limit: int = 1 << 30,
         hosts: dict[str, Resource] | None = None,
+        spool: SpoolFactory = InlineSpool,
         **cache: Any,
     ) -> None:
         """
         @param upstream: answers for every host not in C{hosts}.
         @param hosts: fake registries (or other resources) by host name.
+        @param spool: how downloads are written and hashed; at once, by
+            default, since nothing here runs threads' callbacks.
         """
         self.upstream = upstream or FakeRegistry()
         self.clock = Clock()
@@ -441,7 +445,9 @@ class MemoryRegistry:
         self.store.open()
         self.cache_config = CacheConfig(tmp_path / "cache", size_limit, tag_ttl, **cache)
         self.upstreams = {r.name: Upstream(r, self.agent, self.clock) for r in self.registries}
-        self.cache = PullThroughCache(self.store, self.upstreams, self.clock, self.cache_config)
+        self.cache = PullThroughCache(
+            self.store, self.upstreams, self.clock, self.cache_config, spool=spool
+        )
         self.metrics = Metrics(self.cache, self.upstreams, self.store)
         # How each request ended, as the access log would say.
         self.finished: list[Finished] = []

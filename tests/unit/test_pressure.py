@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from txregistry import fill as fill_module
 from txregistry import proxy as proxy_module
 from txregistry import sender as sender_module
+from txregistry import spool as spool_module
 from txregistry.reference import Digest
 from txregistry.store import CacheStore
 
@@ -117,7 +118,7 @@ def failing_disk(monkeypatch, after: int):
         def __getattr__(self, name):
             return write_until_full if name == "write" else getattr(os, name)
 
-    monkeypatch.setattr(fill_module, "os", FullDiskOS())
+    monkeypatch.setattr(spool_module, "os", FullDiskOS())
 
 
 def pull_in_pieces(registry, digest, piece=30_000):
