@@ -31,7 +31,8 @@ def test_targets_are_judged_in_their_direction() -> None:
 def _samples(value: float) -> dict[str, list[float]]:
     keys = [
         "cold_single.direct_s", "cold_single.txregistry_s", "cold_single.peer_s",
-        "cold_single.sha256_s", "cold_fan_out.direct_one_s", "cold_fan_out.nginx_s",
+        "cold_single.sha256_s", "cold_single.write_s", "cold_fan_out.direct_one_s",
+        "cold_fan_out.nginx_s",
         "cold_fan_out.txregistry_s", "cold_fan_out.peer_s",
         "cold_fan_out.txregistry_upstream_gets", "cold_fan_out.peer_upstream_gets",
         "manifest.txregistry_rps", "manifest.peer_rps", "manifest.txregistry_p99_ms",
