@@ -3,9 +3,9 @@ Writing a download to its file and hashing it, in order, as it arrives.
 
 Hashing (SHA-256 runs at about 2 GB/s on one core) and copying into the
 page cache are most of what a cold miss costs.  Both release the GIL, so
-L{ThreadSpool} does them on a thread of its own: the reactor thread goes on
-receiving from the upstream and sending to clients while the other core
-hashes and writes (bench/RESULTS.md has the figures).  L{InlineSpool} does
+L{ThreadSpool} does them on threads of their own: the reactor thread goes
+on receiving from the upstream and sending to clients while the hash and
+the disk write run beside it (bench/RESULTS.md has the figures).  L{InlineSpool} does
 the same work on the caller's thread, at once, for in-memory tests that
 drive the reactor by hand.
 
@@ -113,8 +113,13 @@ _CLOSE = object()
 
 class ThreadSpool:
     """
-    Writes and hashes on a thread of its own, which lives as long as the
-    download.  C{call_in_reactor} is the reactor's C{callFromThread}.
+    Writes on one thread and hashes on another, each living as long as the
+    download, so that a slow disk and the hash overlap rather than add up.
+    C{call_in_reactor} is the reactor's C{callFromThread}.
+
+    L{written} counts the bytes that are both in the file and hashed: the
+    fill keeps every other byte in memory, which bounds what the two queues
+    can hold.
     """
 
     def __init__(
@@ -123,21 +128,31 @@ class ThreadSpool:
         self._fd = os.dup(fd)
         self._hasher = hasher
         self._call_in_reactor = call_in_reactor
-        self._queue: SimpleQueue[Any] = SimpleQueue()
+        self._to_write: SimpleQueue[Any] = SimpleQueue()
+        self._to_hash: SimpleQueue[Any] = SimpleQueue()
         self._lock = threading.Lock()
-        # Written by the spool thread, under the lock; read by the reactor.
+        # Changed by the spool threads, under the lock; read by the reactor.
         self.written = 0
         self.failure: OSError | None = None
+        self._on_disk = 0
+        self._hashed = 0
         self._waiting: Callable[[], None] | None = None
         self._abandoned = False
+        self._broken: Failure | None = None
+        self._digest: str | None = None
         self._closed: Deferred[str] = Deferred()
-        self._thread = threading.Thread(
-            target=self._run, name=f"txregistry spool {name}".strip(), daemon=True
-        )
-        self._thread.start()
+        self._running = 2
+        label = f"txregistry spool {name}".strip()
+        self._threads = [
+            threading.Thread(target=self._write_queued, name=f"{label} writer", daemon=True),
+            threading.Thread(target=self._hash_queued, name=f"{label} hasher", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def append(self, data: bytes) -> None:
-        self._queue.put(data)
+        self._to_write.put(data)
+        self._to_hash.put(data)
 
     def wake_on_progress(self, seen: int, callback: Callable[[], None]) -> None:
         with self._lock:
@@ -147,60 +162,90 @@ class ThreadSpool:
         callback()
 
     def close(self) -> Deferred[str]:
-        self._queue.put(_CLOSE)
+        self._to_write.put(_CLOSE)
+        self._to_hash.put(_CLOSE)
         return self._closed
 
     def abandon(self) -> None:
         self._abandoned = True
-        self._queue.put(_CLOSE)
+        self.close()
 
-    # The spool thread.
+    def join(self, timeout: float) -> None:
+        """Wait for both threads to end (for tests)."""
+        for thread in self._threads:
+            thread.join(timeout)
 
-    def _run(self) -> None:
-        report: Callable[[], None] | None = None
-        broken: Failure | None = None
+    # The spool threads.
+
+    def _write_queued(self) -> None:
         while True:
-            item = self._queue.get()
+            item = self._to_write.get()
+            if self._abandoned or item is _CLOSE:
+                break
+            if self.failure is None:
+                try:
+                    written, failure = _write_all(self._fd, item)
+                except BaseException as e:
+                    self._break(e)
+                else:
+                    self._progress(on_disk=written, failure=failure)
+        os.close(self._fd)
+        self._thread_done()
+
+    def _hash_queued(self) -> None:
+        while True:
+            item = self._to_hash.get()
             if self._abandoned:
                 break
             if item is _CLOSE:
-                report = self._report(broken)
+                if self._broken is None:
+                    try:
+                        self._digest = self._hasher.hexdigest()
+                    except BaseException as e:
+                        self._break(e)
                 break
-            if broken is None:
+            if self._broken is None:
                 try:
-                    self._write_and_hash(item)
+                    self._hasher.update(item)
                 except BaseException as e:
-                    # A bug, not a full disk: stop writing, so that the fill
-                    # relays rather than waits, and fail it at the end.
-                    broken = Failure()
-                    self._progress(0, OSError(errno.EIO, f"cannot spool the download: {e}"))
-        os.close(self._fd)
-        if report is not None:
-            self._call_in_reactor(report)
+                    self._break(e)
+                else:
+                    self._progress(hashed=len(item))
+        self._thread_done()
 
-    def _write_and_hash(self, data: bytes) -> None:
-        if self.failure is None:
-            self._progress(*_write_all(self._fd, data))
-        self._hasher.update(data)
-
-    def _progress(self, written: int, failure: OSError | None) -> None:
+    def _break(self, error: BaseException) -> None:
+        """
+        A bug, not a full disk: stop writing, so that the fill relays rather
+        than waits, and fail it at the end.  Called in an C{except} block.
+        """
+        broken = Failure()
         with self._lock:
-            self.written += written
+            self._broken = self._broken or broken
+        self._progress(failure=OSError(errno.EIO, f"cannot spool the download: {error}"))
+
+    def _progress(self, on_disk: int = 0, hashed: int = 0, failure: OSError | None = None) -> None:
+        with self._lock:
+            self._on_disk += on_disk
+            self._hashed += hashed
             self.failure = self.failure or failure
+            written = min(self._on_disk, self._hashed)
+            if written == self.written and failure is None:
+                return
+            self.written = written
             waiting, self._waiting = self._waiting, None
         if waiting is not None:
             self._call_in_reactor(waiting)
 
-    def _report(self, broken: Failure | None) -> Callable[[], None]:
-        if broken is None:
-            try:
-                digest = self._hasher.hexdigest()
-            except BaseException:
-                broken = Failure()
-            else:
-                return lambda: self._closed.callback(digest)
-        failure = broken
-        return lambda: self._closed.errback(failure)
+    def _thread_done(self) -> None:
+        with self._lock:
+            self._running -= 1
+            if self._running or self._abandoned:
+                return
+            broken, digest = self._broken, self._digest
+        if broken is not None:
+            self._call_in_reactor(self._closed.errback, broken)
+        else:
+            self._call_in_reactor(self._closed.callback, digest)
 
 
 def threaded_spools(reactor: IReactorThreads) -> SpoolFactory:
