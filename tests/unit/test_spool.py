@@ -89,15 +89,21 @@ def slow_disk(monkeypatch):
     return spools, holds, spool
 
 
+def pull_held(registry: MemoryRegistry):
+    """A client's GET of BLOB, whose upstream body the test writes; (digest, held, client)."""
+    digest = registry.upstream.add_blob(BLOB)
+    held = registry.upstream.hold_blob(digest)
+    client = registry.client()
+    client.send("GET", f"/v2/x/blobs/{digest}")
+    return digest, held, client
+
+
 def test_front_client_is_served_from_memory_and_the_download_waits_for_the_disk(
     tmp_path: Path, slow_disk
 ) -> None:
     spools, holds, spool = slow_disk
     registry = MemoryRegistry(tmp_path, spool=spool)
-    digest = registry.upstream.add_blob(BLOB)
-    held = registry.upstream.hold_blob(digest)
-    client = registry.client()
-    client.send("GET", f"/v2/x/blobs/{digest}")
+    digest, held, client = pull_held(registry)
 
     held[0].write(BLOB[:50_000])
     registry.pump()
@@ -126,10 +132,7 @@ def test_front_client_is_served_from_memory_and_the_download_waits_for_the_disk(
 def test_a_client_behind_the_disk_reads_the_file(tmp_path: Path, slow_disk) -> None:
     spools, _, spool = slow_disk
     registry = MemoryRegistry(tmp_path, spool=spool)
-    digest = registry.upstream.add_blob(BLOB)
-    held = registry.upstream.hold_blob(digest)
-    first = registry.client()
-    first.send("GET", f"/v2/x/blobs/{digest}")
+    digest, held, first = pull_held(registry)
     held[0].write(BLOB[:60_000])
     registry.pump()
     spools[0].flush()  # on disk, and out of memory
