@@ -1,8 +1,8 @@
 """
 The seven measurements, run against txregistry, the peer and the references.
 
-Every measurement is repeated C{runs} times and every sample kept; the
-report takes medians.  Within a run the servers are measured one after the
+Every timed measurement is repeated C{runs} times and every sample kept;
+the report takes medians.  Within a run the servers are measured one after the
 other on the same content, so that they share the machine's state of the
 moment.  A fetch that gets the wrong number of bytes stops the bench: a
 figure from a broken transfer would be worse than none.
@@ -245,6 +245,7 @@ class Bench:
     # 6. txregistry's memory while it streams a large blob.
 
     def memory(self) -> None:
+        """Once, not once per run: a 1 GiB blob is slow to make, and a peak is not a time."""
         self.say(f"6. memory, {self.sizes.memory_blob // MiB} MiB")
         blob = self._blob(self.sizes.memory_blob)
         url = self.txregistry.url + blob.path()
