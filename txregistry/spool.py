@@ -5,9 +5,9 @@ Hashing (SHA-256 runs at about 2 GB/s on one core) and copying into the
 page cache are most of what a cold miss costs.  Both release the GIL, so
 L{ThreadSpool} does them on threads of their own: the reactor thread goes
 on receiving from the upstream and sending to clients while the hash and
-the disk write run beside it (bench/RESULTS.md has the figures).  L{InlineSpool} does
-the same work on the caller's thread, at once, for in-memory tests that
-drive the reactor by hand.
+the disk write run beside it (bench/RESULTS.md has the figures).
+L{InlineSpool} does the same work on the caller's thread, at once, for
+in-memory tests that drive the reactor by hand.
 
 A spool owns a duplicate of the file descriptor it writes, and closes it
 when it is done, so that the file can be closed by its readers at any time.
@@ -38,7 +38,10 @@ class Hasher(Protocol):
 class Spool(Protocol):
     @property
     def written(self) -> int:
-        """How many bytes, from the start, are in the file."""
+        """
+        How many bytes, from the start, are in the file and hashed: the
+        fill need not keep them in memory any more.
+        """
 
     @property
     def failure(self) -> OSError | None:
