@@ -478,6 +478,18 @@ class MemoryRegistry:
     def client(self, transport: StringTransport | None = None) -> Client:
         return Client(self.site, self.pump, transport)
 
+    def pull_held(self, blob: bytes) -> tuple[str, list[Request], Client]:
+        """
+        A client's GET of C{blob}, whose upstream response is held for the
+        test to write (see L{FakeRegistry.hold_blob}): the digest, the held
+        upstream requests and the client.
+        """
+        digest = self.upstream.add_blob(blob)
+        held = self.upstream.hold_blob(digest)
+        client = self.client()
+        client.send("GET", f"/v2/alpine/blobs/{digest}")
+        return digest, held, client
+
     def get(
         self, path: str, headers: dict[str, str] | None = None, method: str = "GET"
     ) -> Response:

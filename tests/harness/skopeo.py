@@ -55,19 +55,28 @@ class Skopeo:
             raise AssertionError(f"skopeo {' '.join(args)} failed ({code}):\n{err.decode()}")
         return out.decode()
 
-    async def pull(self, reference: str, destination: Path, *options: str) -> Path:
-        """
-        Copy an image into a C{dir:} directory, keeping manifests byte for
-        byte, through an HTTP registry (txregistry on loopback).
-        """
-        await self.run_async(
+    @staticmethod
+    def _pull_args(reference: str, destination: Path, options: tuple[str, ...]) -> list[str]:
+        return [
             "copy",
             "--src-tls-verify=false",
             "--preserve-digests",
             *options,
             f"docker://{reference}",
             f"dir:{destination}",
-        )
+        ]
+
+    async def pull(self, reference: str, destination: Path, *options: str) -> Path:
+        """
+        Copy an image into a C{dir:} directory, keeping manifests byte for
+        byte, through an HTTP registry (txregistry on loopback).
+        """
+        await self.run_async(*self._pull_args(reference, destination, options))
+        return destination
+
+    def pull_now(self, reference: str, destination: Path, *options: str) -> Path:
+        """L{pull}, synchronously: for a txregistry in a process of its own."""
+        self.run(*self._pull_args(reference, destination, options))
         return destination
 
 

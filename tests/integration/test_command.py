@@ -110,13 +110,7 @@ def test_prefetch_warms_the_cache_and_the_cache_commands_see_it(tmp_path, upstre
 
         # A pull after the prefetch downloads nothing from upstream.
         mark = upstream.registry.mark()
-        skopeo.run(
-            "copy",
-            "--src-tls-verify=false",
-            "--preserve-digests",
-            f"docker://127.0.0.1:{port}/library/small:v1",
-            f"dir:{tmp_path / 'pulled'}",
-        )
+        skopeo.pull_now(f"127.0.0.1:{port}/library/small:v1", tmp_path / "pulled")
         check_pulled(tmp_path / "pulled", upstream.images["small"].digest)
         assert upstream.registry.blob_gets(mark) == []
 

@@ -19,13 +19,7 @@ def test_twistd_serves_pulls_from_a_config_file(tmp_path, upstream, skopeo):
     try:
         process.wait_for(f"starting with config file {config}")
         image = upstream.images["small"]
-        skopeo.run(
-            "copy",
-            "--src-tls-verify=false",
-            "--preserve-digests",
-            f"docker://127.0.0.1:{port}/library/small:v1",
-            f"dir:{tmp_path / 'pulled'}",
-        )
+        skopeo.pull_now(f"127.0.0.1:{port}/library/small:v1", tmp_path / "pulled")
         check_pulled(tmp_path / "pulled", image.digest)
     finally:
         process.signal(signal.SIGTERM)

@@ -126,13 +126,7 @@ def test_full_disk_still_serves_every_pull(tmp_path, upstream, skopeo):
         assert get_blob(port, big) == ("MISS", big)  # still served, never cached
 
         image = upstream.images["big"]
-        skopeo.run(
-            "copy",
-            "--src-tls-verify=false",
-            "--preserve-digests",
-            f"docker://127.0.0.1:{port}/library/big:v1",
-            f"dir:{tmp_path / 'pulled'}",
-        )
+        skopeo.pull_now(f"127.0.0.1:{port}/library/big:v1", tmp_path / "pulled")
         check_pulled(tmp_path / "pulled", image.digest)
         assert get_blob(port, config) == ("HIT", config)
     finally:
@@ -165,13 +159,7 @@ def test_malformed_requests_do_not_disturb_a_pull(tmp_path, upstream, skopeo):
         oversized = raw_request(port, b"GET /v2/ HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
         garbage = raw_request(port, b"\x00\x01 not http at all\r\n\r\n")
         image = upstream.images["small"]
-        skopeo.run(
-            "copy",
-            "--src-tls-verify=false",
-            "--preserve-digests",
-            f"docker://127.0.0.1:{port}/library/small:v1",
-            f"dir:{tmp_path / 'pulled'}",
-        )
+        skopeo.pull_now(f"127.0.0.1:{port}/library/small:v1", tmp_path / "pulled")
         check_pulled(tmp_path / "pulled", image.digest)
         assert oversized.startswith(b"HTTP/1.1 431 ")
         assert garbage.startswith(b"HTTP/1.1 400 ")

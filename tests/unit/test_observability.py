@@ -183,10 +183,7 @@ def drain(registry, timeout=30):
 
 def test_stopping_waits_for_downloads_in_progress(tmp_path):
     registry = MemoryRegistry(tmp_path)
-    digest = registry.upstream.add_blob(BLOB)
-    held = registry.upstream.hold_blob(digest)
-    client = registry.client()
-    client.send("GET", f"/v2/alpine/blobs/{digest}")
+    digest, held, client = registry.pull_held(BLOB)
     drained = drain(registry)
     registry.clock.advance(10)
     assert drained == []
@@ -200,10 +197,7 @@ def test_stopping_waits_for_downloads_in_progress(tmp_path):
 
 def test_stopping_drops_downloads_that_do_not_finish_in_time(tmp_path):
     registry = MemoryRegistry(tmp_path)
-    digest = registry.upstream.add_blob(BLOB)
-    held = registry.upstream.hold_blob(digest)
-    client = registry.client()
-    client.send("GET", f"/v2/alpine/blobs/{digest}")
+    digest, held, client = registry.pull_held(BLOB)
     held[0].write(BLOB[:50_000])
     registry.pump()
     drained = drain(registry, timeout=30)

@@ -89,21 +89,12 @@ def slow_disk(monkeypatch):
     return spools, holds, spool
 
 
-def pull_held(registry: MemoryRegistry):
-    """A client's GET of BLOB, whose upstream body the test writes; (digest, held, client)."""
-    digest = registry.upstream.add_blob(BLOB)
-    held = registry.upstream.hold_blob(digest)
-    client = registry.client()
-    client.send("GET", f"/v2/x/blobs/{digest}")
-    return digest, held, client
-
-
 def test_front_client_is_served_from_memory_and_the_download_waits_for_the_disk(
     tmp_path: Path, slow_disk
 ) -> None:
     spools, holds, spool = slow_disk
     registry = MemoryRegistry(tmp_path, spool=spool)
-    digest, held, client = pull_held(registry)
+    digest, held, client = registry.pull_held(BLOB)
 
     held[0].write(BLOB[:50_000])
     registry.pump()
@@ -126,13 +117,13 @@ def test_front_client_is_served_from_memory_and_the_download_waits_for_the_disk(
     registry.pump()
     response = client.response()
     assert (response.body, response.complete) == (BLOB, True)
-    assert registry.get(f"/v2/x/blobs/{digest}").headers["x-cache"] == "HIT"
+    assert registry.get(f"/v2/alpine/blobs/{digest}").headers["x-cache"] == "HIT"
 
 
 def test_a_client_behind_the_disk_reads_the_file(tmp_path: Path, slow_disk) -> None:
     spools, _, spool = slow_disk
     registry = MemoryRegistry(tmp_path, spool=spool)
-    digest, held, first = pull_held(registry)
+    digest, held, first = registry.pull_held(BLOB)
     held[0].write(BLOB[:60_000])
     registry.pump()
     spools[0].flush()  # on disk, and out of memory
@@ -140,7 +131,7 @@ def test_a_client_behind_the_disk_reads_the_file(tmp_path: Path, slow_disk) -> N
     registry.pump()
 
     late = registry.client()
-    late.send("GET", f"/v2/x/blobs/{digest}")
+    late.send("GET", f"/v2/alpine/blobs/{digest}")
     assert late.transport.value().endswith(BLOB[:99_999]), "from the file, then from memory"
     held[0].write(BLOB[100_000:])
     held[0].finish()
