@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "txregistry" / "__init__.py").read_text())[
@@ -20,7 +20,7 @@ setup(
     python_requires=">=3.11",
     # "twisted.plugins" has no __init__.py: it is Twisted's plugin namespace,
     # and shipping one would replace Twisted's own.
-    packages=["txregistry", "twisted.plugins"],
+    packages=[*find_packages(include=["txregistry", "txregistry.*"]), "twisted.plugins"],
     package_data={"twisted.plugins": ["txregistry_plugin.py"]},
     install_requires=[
         "twisted[tls]>=24.7.0",

@@ -1,5 +1,5 @@
 import sys
 
-from txregistry.cli import main
+from txregistry.cli.main import main
 
 sys.exit(main())

@@ -38,19 +38,19 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
 
 from txregistry import __version__
-from txregistry.admin import AdminResource
 from txregistry.config import Config, ConfigError, RegistryConfig
-from txregistry.endpoints import registry_agent
-from txregistry.listen import ReloadableTLS, server_endpoint
-from txregistry.logs import choose_observer
-from txregistry.metrics import Metrics
-from txregistry.proxy import PullThroughCache
-from txregistry.resource import Finished, RegistryResource, RegistrySite
-from txregistry.routing import Router
-from txregistry.spool import threaded_spools
-from txregistry.store import CacheStore
-from txregistry.systemd import notify
-from txregistry.upstream import Upstream
+from txregistry.http.admin import AdminResource
+from txregistry.http.resource import Finished, RegistryResource, RegistrySite
+from txregistry.http.routing import Router
+from txregistry.ops.listen import ReloadableTLS, server_endpoint
+from txregistry.ops.logs import choose_observer
+from txregistry.ops.metrics import Metrics
+from txregistry.ops.systemd import notify
+from txregistry.repository.pullthrough import PullThroughCache
+from txregistry.storage.disk import CacheStore
+from txregistry.storage.staging import threaded_spools
+from txregistry.upstream.client import Upstream
+from txregistry.upstream.endpoints import registry_agent
 
 
 class Listener(Service):

@@ -32,14 +32,14 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from txregistry.config import CacheConfig, MirrorConfig, RegistryConfig
-from txregistry.metrics import Metrics
-from txregistry.proxy import PullThroughCache
-from txregistry.reference import Digest
-from txregistry.resource import Finished, RegistryResource, RegistrySite
-from txregistry.routing import Router
-from txregistry.spool import InlineSpool, SpoolFactory
-from txregistry.store import CacheStore
-from txregistry.upstream import Upstream
+from txregistry.http.resource import Finished, RegistryResource, RegistrySite
+from txregistry.http.routing import Router
+from txregistry.oci.reference import Digest
+from txregistry.ops.metrics import Metrics
+from txregistry.repository.pullthrough import PullThroughCache
+from txregistry.storage.disk import CacheStore
+from txregistry.storage.staging import InlineSpool, SpoolFactory
+from txregistry.upstream.client import Upstream
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

@@ -16,9 +16,9 @@ from harness.skopeo import check_pulled
 from harness.twistd import ROOT, start_in_front_of, write_config
 from twisted.internet import reactor
 
+from txregistry.cli.doctor import doctor
 from txregistry.config import CacheConfig, Config, MirrorConfig, RegistryConfig
-from txregistry.doctor import doctor
-from txregistry.store import CacheStore
+from txregistry.storage.disk import CacheStore
 
 pytestmark = pytest.mark.integration
 

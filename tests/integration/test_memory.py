@@ -11,7 +11,7 @@ import signal
 import pytest
 from harness.twistd import start_in_front_of
 
-from txregistry.fill import FillPolicy
+from txregistry.repository.fill import FillPolicy
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ from treq.testing import RequestTraversalAgent
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
-from txregistry.auth import (
+from txregistry.upstream.auth import (
     AuthError,
     Challenge,
     TokenFetcher,

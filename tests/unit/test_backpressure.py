@@ -16,10 +16,10 @@ from twisted.web.client import ResponseDone
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from txregistry.bulk import READ_SIZE, SEND_SIZE, read_in_large_pieces, send_in_large_pieces
-from txregistry.fill import StreamThrough
-from txregistry.reference import Digest
-from txregistry.sender import CHUNK_SIZE
+from txregistry.http.senders import CHUNK_SIZE
+from txregistry.oci.reference import Digest
+from txregistry.repository.fill import StreamThrough
+from txregistry.sockets import READ_SIZE, SEND_SIZE, read_in_large_pieces, send_in_large_pieces
 
 LIMIT = 128 * 1024
 # What may wait in the client's buffer: the limit, the chunk that crossed

@@ -2,9 +2,9 @@
 
 import pytest
 
+from txregistry.cli.doctor import Check, MirrorReport, conclude, render
+from txregistry.cli.prefetch import ImageRef, PrefetchError, parse_image_ref, server_from_listen
 from txregistry.config import MirrorConfig, RegistryConfig
-from txregistry.doctor import Check, MirrorReport, conclude, render
-from txregistry.prefetch import ImageRef, PrefetchError, parse_image_ref, server_from_listen
 
 DIGEST = "sha256:" + "a" * 64
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from txregistry import config as config_module
 from txregistry.config import (
     CacheConfig,
     Config,
@@ -25,6 +24,7 @@ from txregistry.config import (
     parse_duration,
     parse_size,
 )
+from txregistry.config import parse as config_module
 
 ROOT = Path(__file__).parents[2]
 

@@ -19,7 +19,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from txregistry.config import ConfigError, ProxyConfig, ProxyServer, Secret
-from txregistry.endpoints import (
+from txregistry.upstream.endpoints import (
     FamilyEndpoint,
     MirrorTLSPolicy,
     TunnelEndpoint,

@@ -11,7 +11,7 @@ from harness.memory import OCI_MANIFEST, FakeRegistry, MemoryRegistry
 from twisted.web.server import NOT_DONE_YET
 
 from txregistry.config import MirrorConfig, RegistryConfig, UpstreamConfig
-from txregistry.reference import Digest
+from txregistry.oci.reference import Digest
 
 MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}).encode()
 

@@ -6,7 +6,7 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.testing import MemoryReactorClock
 
 from txregistry.config import ConfigError
-from txregistry.listen import ReloadableTLS, server_endpoint, split_description
+from txregistry.ops.listen import ReloadableTLS, server_endpoint, split_description
 
 
 @pytest.fixture(scope="module")

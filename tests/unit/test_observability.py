@@ -18,8 +18,8 @@ from txregistry.config import (
     Secret,
     ServerConfig,
 )
-from txregistry.reference import Digest
-from txregistry.resource import Finished
+from txregistry.http.resource import Finished
+from txregistry.oci.reference import Digest
 from txregistry.service import RegistryService
 
 MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}).encode()

@@ -14,12 +14,12 @@ import pytest
 from harness.memory import OCI_MANIFEST, BufferedTransport, MemoryRegistry, run_now
 from twisted.internet.task import Clock
 
-from txregistry import fill as fill_module
-from txregistry import proxy as proxy_module
-from txregistry import sender as sender_module
-from txregistry import spool as spool_module
-from txregistry.reference import Digest
-from txregistry.store import CacheStore
+from txregistry.http import senders as sender_module
+from txregistry.oci.reference import Digest
+from txregistry.repository import fill as fill_module
+from txregistry.repository import pullthrough as proxy_module
+from txregistry.storage import staging as spool_module
+from txregistry.storage.disk import CacheStore
 
 MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}).encode()
 BLOB_SIZE = 200_000

@@ -12,7 +12,7 @@ import pytest
 from harness.memory import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, FakeRegistry, MemoryRegistry
 
 from txregistry.config import MirrorConfig, RegistryConfig, UpstreamConfig
-from txregistry.reference import Digest
+from txregistry.oci.reference import Digest
 
 MANIFEST = json.dumps(
     {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}, indent=3

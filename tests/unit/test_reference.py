@@ -4,8 +4,8 @@ import hashlib
 
 import pytest
 
-from txregistry.errors import RegistryError
-from txregistry.reference import Digest, Tag, parse_reference, validate_name
+from txregistry.oci.errors import RegistryError
+from txregistry.oci.reference import Digest, Tag, parse_reference, validate_name
 
 HEX = "a" * 64
 

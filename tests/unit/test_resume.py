@@ -10,7 +10,7 @@ import pytest
 from harness.memory import BufferedTransport, FakeRegistry, MemoryRegistry
 
 from txregistry.config import MirrorConfig, RegistryConfig, UpstreamConfig
-from txregistry.reference import Digest
+from txregistry.oci.reference import Digest
 
 BLOB = os.urandom(300_000)
 

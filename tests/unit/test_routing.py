@@ -3,9 +3,9 @@
 import pytest
 
 from txregistry.config import MirrorConfig, RegistryConfig
-from txregistry.errors import RegistryError
-from txregistry.reference import Digest, Tag
-from txregistry.routing import Kind, Router
+from txregistry.http.routing import Kind, Router
+from txregistry.oci.errors import RegistryError
+from txregistry.oci.reference import Digest, Tag
 
 HEX = "b" * 64
 HUB = RegistryConfig(

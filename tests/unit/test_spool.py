@@ -14,9 +14,9 @@ import pytest
 from harness.memory import MemoryRegistry
 from twisted.internet.defer import Deferred, succeed
 
-from txregistry import fill as fill_module
-from txregistry import proxy as proxy_module
-from txregistry.spool import InlineSpool, ThreadSpool
+from txregistry.repository import fill as fill_module
+from txregistry.repository import pullthrough as proxy_module
+from txregistry.storage.staging import InlineSpool, ThreadSpool
 
 # Guards against a hung thread, never a measurement.
 HANG_GUARD = 60.0
@@ -203,7 +203,7 @@ def test_thread_spool_wakes_the_reactor_on_progress(tmp_path: Path) -> None:
 
 
 def test_thread_spool_keeps_hashing_when_the_disk_is_full(tmp_path: Path, monkeypatch) -> None:
-    from txregistry import spool as spool_module
+    from txregistry.storage import staging as spool_module
 
     real_write = os.write
 

@@ -5,8 +5,8 @@ import os
 import pytest
 from harness.memory import run_now
 
-from txregistry.reference import Digest
-from txregistry.store import CachedManifest, CacheStore, TagEntry
+from txregistry.oci.reference import Digest
+from txregistry.storage.disk import CachedManifest, CacheStore, TagEntry
 
 
 def result(d):

@@ -9,8 +9,8 @@ import struct
 import pytest
 from twisted.logger import Logger, LogLevel
 
-from txregistry.logs import JournalObserver, JSONLinesObserver, choose_observer
-from txregistry.systemd import notify
+from txregistry.ops.logs import JournalObserver, JSONLinesObserver, choose_observer
+from txregistry.ops.systemd import notify
 
 
 @pytest.fixture

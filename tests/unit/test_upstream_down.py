@@ -12,9 +12,9 @@ from harness.memory import OCI_MANIFEST, MemoryRegistry
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
-from txregistry.admin import AdminResource
 from txregistry.config import MirrorConfig, RegistryConfig
-from txregistry.routing import Router
+from txregistry.http.admin import AdminResource
+from txregistry.http.routing import Router
 
 MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}).encode()
 BLOB = os.urandom(200_000)

@@ -57,9 +57,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
-from txregistry.bulk import read_in_large_pieces
 from txregistry.config import ConfigError, ProxyConfig, ProxyServer, RegistryConfig, Secret
-from txregistry.httpclient import TimedOut, within
+from txregistry.sockets import read_in_large_pieces
+from txregistry.upstream.bodies import TimedOut, within
 
 _FAMILIES: dict[str, tuple[type[IAddress], ...]] = {
     "ipv4": (IPv4Address,),
@@ -338,7 +338,7 @@ class UpstreamEndpoints:
     The endpoints a registry's L{Agent} connects with: one address family,
     a connect timeout, TLS by the registry's policy, and CONNECT tunnels
     through its HTTPS proxy.  (Plain-HTTP proxying needs absolute-form
-    requests, which L{txregistry.upstream} does with L{ProxyAgent}.)
+    requests, which L{txregistry.upstream.client} does with L{ProxyAgent}.)
     """
 
     def __init__(

@@ -26,11 +26,17 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from txregistry.bulk import send_in_large_pieces
-from txregistry.errors import RegistryError
-from txregistry.fill import StreamThrough
-from txregistry.metrics import CONTENT_TYPE
-from txregistry.proxy import (
+from txregistry.http.routing import Kind, Route, Router, push_unsupported
+from txregistry.http.senders import (
+    ByteSource,
+    CompleteFile,
+    FileSender,
+    abort_connection,
+)
+from txregistry.oci.errors import RegistryError
+from txregistry.ops.metrics import CONTENT_TYPE
+from txregistry.repository.fill import StreamThrough
+from txregistry.repository.pullthrough import (
     BlobAnswer,
     BlobFilling,
     BlobHead,
@@ -39,13 +45,7 @@ from txregistry.proxy import (
     ManifestAnswer,
     PullThroughCache,
 )
-from txregistry.routing import Kind, Route, Router, push_unsupported
-from txregistry.sender import (
-    ByteSource,
-    CompleteFile,
-    FileSender,
-    abort_connection,
-)
+from txregistry.sockets import send_in_large_pieces
 
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 _READ_METHODS = (b"GET", b"HEAD")

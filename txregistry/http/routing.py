@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from enum import Enum
 
 from txregistry.config import RegistryConfig, normalize_registry_name
-from txregistry.errors import RegistryError
-from txregistry.reference import (
+from txregistry.oci.errors import RegistryError
+from txregistry.oci.reference import (
     Digest,
     Reference,
     looks_like_registry_host,

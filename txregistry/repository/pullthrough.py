@@ -17,7 +17,7 @@ of the upstream, and what is kept.
    each follows at its own pace.
 
 This module knows nothing of HTTP requests: it returns answers that
-L{txregistry.resource} writes out.
+L{txregistry.http.resource} writes out.
 """
 
 from __future__ import annotations
@@ -30,22 +30,22 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txregistry.config import CacheConfig
-from txregistry.errors import RegistryError
-from txregistry.fill import BlobFill, FillAbandoned, FillPolicy, Resumer
-from txregistry.httpclient import TimedOut, read_body, within
-from txregistry.mirrors import (
+from txregistry.http.routing import Route
+from txregistry.oci.errors import RegistryError
+from txregistry.oci.reference import Digest, Tag
+from txregistry.repository.fill import BlobFill, FillAbandoned, FillPolicy, Resumer
+from txregistry.repository.singleflight import SingleFlight
+from txregistry.storage.disk import CachedBlob, CachedManifest, CacheStore, TagEntry
+from txregistry.storage.staging import InlineSpool, SpoolFactory
+from txregistry.upstream.bodies import TimedOut, read_body, within
+from txregistry.upstream.client import FetchedManifest, Upstream, UpstreamResponse
+from txregistry.upstream.mirrors import (
     UPSTREAM_ERRORS,
     UpstreamNotFound,
     UpstreamOffline,
     UpstreamRefused,
     UpstreamUnavailable,
 )
-from txregistry.reference import Digest, Tag
-from txregistry.routing import Route
-from txregistry.singleflight import SingleFlight
-from txregistry.spool import InlineSpool, SpoolFactory
-from txregistry.store import CachedBlob, CachedManifest, CacheStore, TagEntry
-from txregistry.upstream import FetchedManifest, Upstream, UpstreamResponse
 
 HIT = "HIT"
 MISS = "MISS"

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from txregistry.config import DOCKER_HUB_NAMES, normalize_registry_name
-from txregistry.errors import RegistryError
-from txregistry.listen import split_description
-from txregistry.reference import Digest, Tag, looks_like_registry_host, validate_name
+from txregistry.oci.errors import RegistryError
+from txregistry.oci.reference import Digest, Tag, looks_like_registry_host, validate_name
+from txregistry.ops.listen import split_description
 
 INDEX_TYPES = {
     "application/vnd.oci.image.index.v1+json",

@@ -19,7 +19,7 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 
 from txregistry.config import MirrorConfig, RegistryConfig
-from txregistry.errors import RegistryError
+from txregistry.oci.errors import RegistryError
 
 _REFUSED_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS"}
 # A mirror backs off only once it has failed this many times in a row.

@@ -2,7 +2,7 @@
 Sending a file to an HTTP client, as fast as the client takes it.
 
 One producer, L{FileSender}, serves both a finished file from the cache and
-a download still in progress (a L{txregistry.fill.BlobFill}): it reads from
+a download still in progress (a L{txregistry.repository.fill.BlobFill}): it reads from
 the source at its own offset, up to what the source says may be sent, and
 waits when it catches up.  A slow client therefore costs a file offset, not
 memory, and never slows the download or other clients.

@@ -14,7 +14,7 @@ C{expires_in} runs out.
 Credentials go to the token service as Basic auth, never to the registry as
 a Bearer token's stand-in: Docker Hub's registry API accepts only Bearer
 tokens.  A registry that challenges with C{Basic} gets them directly, which
-L{txregistry.upstream} decides.
+L{txregistry.upstream.client} decides.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
 from txregistry.config import Credentials
-from txregistry.httpclient import TimedOut, describe_failure, read_body, within
-from txregistry.singleflight import SingleFlight
+from txregistry.repository.singleflight import SingleFlight
+from txregistry.upstream.bodies import TimedOut, describe_failure, read_body, within
 
 # The token spec: "When omitted, this defaults to 60 seconds."
 DEFAULT_TOKEN_LIFETIME = 60.0

@@ -1,7 +1,7 @@
 """
 Downloading a blob from upstream while clients read it.
 
-A L{BlobFill} hands the upstream's bytes to a spool (L{txregistry.spool}),
+A L{BlobFill} hands the upstream's bytes to a spool (L{txregistry.storage.staging}),
 which writes them to a temporary file and hashes them, and keeps them in
 memory until they are on disk.  Any number of L{FileSender}s follow the
 download, each at its own pace: a client at the front is sent the bytes
@@ -49,11 +49,11 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from txregistry.httpclient import describe_failure
-from txregistry.reference import Digest
-from txregistry.sender import FileSender, abort_connection
-from txregistry.spool import InlineSpool, SpoolFactory
-from txregistry.upstream import UpstreamResponse
+from txregistry.http.senders import FileSender, abort_connection
+from txregistry.oci.reference import Digest
+from txregistry.storage.staging import InlineSpool, SpoolFactory
+from txregistry.upstream.bodies import describe_failure
+from txregistry.upstream.client import UpstreamResponse
 
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 

@@ -4,7 +4,7 @@ Requests to a registry's upstream mirrors.
 L{Upstream} sends one logical request ("the manifest of library/alpine:3.20")
 to a registry's mirrors in the order L{MirrorSet} gives, authenticating as
 each one asks, and reports the outcome as a response to stream, or as one of
-the errors of L{txregistry.mirrors}.
+the errors of L{txregistry.upstream.mirrors}.
 
 Responses are raw: no content decoding (digests are over the exact bytes),
 no cookies, and redirects to blob storage are followed without carrying the
@@ -30,7 +30,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
 from txregistry import __version__
-from txregistry.auth import (
+from txregistry.config import MirrorConfig, RegistryConfig
+from txregistry.oci.errors import RegistryError
+from txregistry.oci.reference import Digest
+from txregistry.upstream.auth import (
     AuthError,
     Challenge,
     TokenFetcher,
@@ -39,9 +42,7 @@ from txregistry.auth import (
     pull_scope,
     token_key,
 )
-from txregistry.config import MirrorConfig, RegistryConfig
-from txregistry.errors import RegistryError
-from txregistry.httpclient import (
+from txregistry.upstream.bodies import (
     BodyTooLarge,
     TimedOut,
     describe_failure,
@@ -50,7 +51,7 @@ from txregistry.httpclient import (
     read_body,
     within,
 )
-from txregistry.mirrors import (
+from txregistry.upstream.mirrors import (
     MirrorSet,
     Outcome,
     UpstreamOffline,
@@ -58,7 +59,6 @@ from txregistry.mirrors import (
     UpstreamUnavailable,
     conclude,
 )
-from txregistry.reference import Digest
 
 T = TypeVar("T")
 
@@ -163,7 +163,7 @@ class Upstream:
     The upstream side of one configured registry.
 
     @param agent: sends the HTTP requests; its endpoints decide how hosts
-        are reached (see L{txregistry.endpoints}).
+        are reached (see L{txregistry.upstream.endpoints}).
     """
 
     log = Logger()

@@ -36,7 +36,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txregistry.reference import Digest
+from txregistry.oci.reference import Digest
 
 T = TypeVar("T")
 

@@ -23,17 +23,17 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
-from txregistry.auth import TokenFetcher, parse_www_authenticate, pull_scope, token_key
 from txregistry.config import Config, MirrorConfig, RegistryConfig
-from txregistry.endpoints import (
+from txregistry.upstream.auth import TokenFetcher, parse_www_authenticate, pull_scope, token_key
+from txregistry.upstream.bodies import describe_failure, discard_body, within
+from txregistry.upstream.client import USER_AGENT
+from txregistry.upstream.endpoints import (
     FamilyEndpoint,
     MirrorTLSPolicy,
     UpstreamEndpoints,
     registry_agent,
     resolve,
 )
-from txregistry.httpclient import describe_failure, discard_body, within
-from txregistry.upstream import USER_AGENT
 
 
 @dataclass

@@ -13,7 +13,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from txregistry.errors import RegistryError
+from txregistry.oci.errors import RegistryError
 
 # One path component of a repository name, and the whole name (spec, "name").
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"

@@ -17,9 +17,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from txregistry.proxy import PullThroughCache
-    from txregistry.store import CacheStore
-    from txregistry.upstream import Upstream
+    from txregistry.repository.pullthrough import PullThroughCache
+    from txregistry.storage.disk import CacheStore
+    from txregistry.upstream.client import Upstream
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

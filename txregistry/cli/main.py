@@ -22,9 +22,9 @@ from twisted.internet.testing import MemoryReactorClock
 
 from txregistry import __version__
 from txregistry.config import Config, ConfigError, default_config, load_config
-from txregistry.endpoints import MirrorTLSPolicy
-from txregistry.listen import server_endpoint
-from txregistry.store import CacheStore
+from txregistry.ops.listen import server_endpoint
+from txregistry.storage.disk import CacheStore
+from txregistry.upstream.endpoints import MirrorTLSPolicy
 
 DEFAULT_CONFIG = "/etc/txregistry/txregistry.toml"
 
@@ -181,7 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "cache":
             return cache_command(args.action, config, sys.stdout)
         if args.command == "prefetch":
-            from txregistry.prefetch import PrefetchError, host_platform, run, server_from_listen
+            from txregistry.cli.prefetch import (
+                PrefetchError,
+                host_platform,
+                run,
+                server_from_listen,
+            )
 
             try:
                 server = args.server or server_from_listen(config.server.listen)
@@ -201,7 +206,7 @@ def run_doctor(config: Config) -> int:
     from twisted.internet import task
     from twisted.internet.defer import Deferred
 
-    from txregistry.doctor import doctor
+    from txregistry.cli.doctor import doctor
 
     codes: list[int] = []
 

@@ -16,8 +16,8 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from txregistry.routing import Router
-from txregistry.upstream import Upstream
+from txregistry.http.routing import Router
+from txregistry.upstream.client import Upstream
 
 
 class AdminResource(Resource):

@@ -1,0 +1,409 @@
+"""
+txregistry's configuration: the TOML file, its defaults and its validation.
+
+The file is read once at startup with the standard library's C{tomllib}.
+Every problem is a L{ConfigError} that names the key and says what is wrong
+with it, so that startup can stop with one clear line instead of a
+traceback.  C{etc/txregistry.toml} documents every key.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from txregistry.config.defaults import builtin_registries, default_cache_directory
+from txregistry.config.model import (
+    ADDRESS_FAMILIES,
+    DOCKER_HUB_NAMES,
+    LOG_FORMATS,
+    CacheConfig,
+    Config,
+    ConfigError,
+    Credentials,
+    LogConfig,
+    MirrorConfig,
+    ProxyConfig,
+    RegistryConfig,
+    Secret,
+    ServerConfig,
+    UpstreamConfig,
+)
+from txregistry.config.values import (
+    normalize_registry_name,
+    parse_duration,
+    parse_mirror_url,
+    parse_proxy_server,
+    parse_size,
+    proxy_from_environment,
+)
+
+T = TypeVar("T")
+
+
+class _Table:
+    """
+    One TOML table being read: hands out its keys with type checks, and
+    complains about any key nobody asked for.
+    """
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(where, "must be a table")
+        self._data: dict[str, Any] = data
+        self._where = where
+        self._used: set[str] = set()
+
+    def where(self, key: str) -> str:
+        return f"{self._where}.{key}" if self._where else key
+
+    def get(self, key: str, convert: Callable[[Any], T], default: T) -> T:
+        self._used.add(key)
+        if key not in self._data:
+            return default
+        try:
+            return convert(self._data[key])
+        except ValueError as e:
+            raise ConfigError(self.where(key), str(e)) from None
+
+    def table(self, key: str) -> _Table:
+        self._used.add(key)
+        return _Table(self._data.get(key, {}), self.where(key))
+
+    def tables(self, key: str) -> list[_Table] | None:
+        self._used.add(key)
+        if key not in self._data:
+            return None
+        value = self._data[key]
+        if not isinstance(value, list):
+            raise ConfigError(self.where(key), "must be an array of tables ([[...]])")
+        return [_Table(item, f"{self.where(key)}[{i}]") for i, item in enumerate(value)]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._data
+
+    def finish(self) -> None:
+        unknown = sorted(set(self._data) - self._used)
+        if unknown:
+            raise ConfigError(self.where(unknown[0]), "unknown key")
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, not {value!r}")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, not {value!r}")
+    return value
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list):
+        raise ValueError(f"expected a list of strings, not {value!r}")
+    return tuple(_string(item) for item in value)
+
+
+def _listen(value: Any) -> tuple[str, ...]:
+    descriptions = _strings(value)
+    if not descriptions:
+        raise ValueError("needs at least one endpoint description")
+    return descriptions
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be longer than zero")
+    return seconds
+
+
+def _log_format(value: Any) -> str:
+    if value not in LOG_FORMATS:
+        raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}, not {value!r}")
+    return str(value)
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number, 0 or more, not {value!r}")
+    return value
+
+
+def _address_family(value: Any) -> str:
+    if value not in ADDRESS_FAMILIES:
+        raise ValueError(f"must be one of {', '.join(ADDRESS_FAMILIES)}, not {value!r}")
+    return str(value)
+
+
+def _existing_file(value: Any) -> Path:
+    path = Path(_string(value)).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} is not a readable file")
+    return path
+
+
+def _mirrors(value: Any) -> tuple[MirrorConfig, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of URLs or tables, not {value!r}")
+    mirrors = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            mirrors.append(MirrorConfig(parse_mirror_url(item)))
+            continue
+        if not isinstance(item, dict):
+            raise ValueError(f"entry {i}: expected a URL or a table, not {item!r}")
+        try:
+            entry = _Table(item, "")
+            url = entry.get("url", lambda v: parse_mirror_url(_string(v)), "")
+            resolve_tags = entry.get("resolve_tags", _boolean, True)
+            entry.finish()
+        except ConfigError as e:
+            raise ValueError(f"entry {i}: {e.where}: {e.problem}") from None
+        if not url:
+            raise ValueError(f"entry {i} needs a url")
+        mirrors.append(MirrorConfig(url, resolve_tags))
+    return tuple(mirrors)
+
+
+def _upstream(table: _Table, defaults: UpstreamConfig) -> UpstreamConfig:
+    """The keys of C{[upstream]}, or a registry's overrides of them."""
+    proxy = defaults.proxy
+    if "proxy" in table or "no_proxy" in table:
+        server = table.get(
+            "proxy", lambda v: parse_proxy_server(_string(v)) if v else None, proxy.https
+        )
+        no_proxy = table.get("no_proxy", _strings, proxy.no_proxy)
+        if "proxy" in table:
+            proxy = ProxyConfig(http=server, https=server, no_proxy=no_proxy)
+        else:
+            proxy = ProxyConfig(http=proxy.http, https=proxy.https, no_proxy=no_proxy)
+    return UpstreamConfig(
+        connect_timeout=table.get("connect_timeout", _positive_duration, defaults.connect_timeout),
+        response_timeout=table.get(
+            "response_timeout", _positive_duration, defaults.response_timeout
+        ),
+        proxy=proxy,
+        backoff_initial=defaults.backoff_initial,
+        backoff_max=defaults.backoff_max,
+        body_timeout=defaults.body_timeout,
+        resume_attempts=defaults.resume_attempts,
+    )
+
+
+def _credentials(table: _Table, environ: Mapping[str, str]) -> Credentials | None:
+    """
+    A registry's user and password: C{username} or C{username_env}, with
+    C{password_file} or C{password_env}.
+    """
+    username = table.get("username", _string, "")
+    username_env = table.get("username_env", _string, "")
+    password_file = table.get("password_file", lambda v: Path(_string(v)).expanduser(), None)
+    password_env = table.get("password_env", _string, "")
+    if username and username_env:
+        raise ConfigError(table.where("username_env"), "give username or username_env, not both")
+    if password_file and password_env:
+        raise ConfigError(
+            table.where("password_env"), "give password_file or password_env, not both"
+        )
+    if username_env:
+        username = environ.get(username_env, "")
+        if not username:
+            raise ConfigError(table.where("username_env"), f"${username_env} is not set")
+    has_password = bool(password_file or password_env)
+    if not username and not has_password:
+        return None
+    if not username:
+        raise ConfigError(table.where("username"), "is required with a password")
+    if not has_password:
+        raise ConfigError(
+            table.where("password_file"), "a username needs password_file or password_env"
+        )
+    if password_env:
+        password = environ.get(password_env, "")
+        if not password:
+            raise ConfigError(table.where("password_env"), f"${password_env} is not set")
+        return Credentials(username, Secret(password), f"${password_env}")
+    assert password_file is not None
+    return Credentials(
+        username, Secret(_read_password_file(table, password_file)), str(password_file)
+    )
+
+
+def _read_password_file(table: _Table, path: Path) -> str:
+    where = table.where("password_file")
+    try:
+        mode = path.stat().st_mode
+        if mode & 0o044:
+            raise ConfigError(
+                where,
+                f"{str(path)!r} is readable by its group or by other users"
+                f" (mode {stat.S_IMODE(mode):04o}): chmod 600 it",
+            )
+        password = path.read_text().rstrip("\r\n")
+    except OSError as e:
+        raise ConfigError(where, f"cannot read {str(path)!r}: {e.strerror or e}") from None
+    if not password:
+        raise ConfigError(where, f"{str(path)!r} is empty")
+    return password
+
+
+def _registry(
+    table: _Table, upstream: UpstreamConfig, environ: Mapping[str, str]
+) -> RegistryConfig:
+    name = table.get("name", lambda v: normalize_registry_name(_string(v)), "")
+    if not name:
+        raise ConfigError(table.where("name"), "is required")
+    no_aliases: tuple[str, ...] = ()
+    aliases = table.get(
+        "aliases", lambda v: tuple(normalize_registry_name(a) for a in _strings(v)), no_aliases
+    )
+    no_mirrors: tuple[MirrorConfig, ...] = ()
+    mirrors = table.get("mirrors", _mirrors, no_mirrors)
+    if not mirrors:
+        raise ConfigError(table.where("mirrors"), "needs at least one upstream URL")
+    if not any(m.resolve_tags for m in mirrors):
+        raise ConfigError(table.where("mirrors"), "needs at least one mirror that can resolve tags")
+    names = {name, *aliases}
+    registry = RegistryConfig(
+        name=name,
+        aliases=aliases,
+        mirrors=mirrors,
+        default=table.get("default", _boolean, not DOCKER_HUB_NAMES.isdisjoint(names)),
+        upstream=_upstream(table, upstream),
+        address_family=table.get("address_family", _address_family, "ipv4"),
+        ca_file=table.get("ca_file", _existing_file, None),
+        insecure=table.get("insecure", _boolean, False),
+        credentials=_credentials(table, environ),
+        offline=table.get("offline", _boolean, False),
+    )
+    table.finish()
+    return registry
+
+
+def _check_registries(registries: list[RegistryConfig], where: str) -> None:
+    seen: dict[str, str] = {}
+    for registry in registries:
+        for name in registry.names:
+            if name in seen and seen[name] != registry.name:
+                raise ConfigError(
+                    where, f"{name!r} names both {seen[name]!r} and {registry.name!r}"
+                )
+            seen[name] = registry.name
+    defaults = [r.name for r in registries if r.default]
+    if len(defaults) > 1:
+        raise ConfigError(where, f"only one registry can be the default, not {defaults}")
+
+
+def parse_config(
+    data: dict[str, Any], source: str | None = None, environ: Mapping[str, str] = os.environ
+) -> Config:
+    """
+    Build a L{Config} from parsed TOML, filling in the defaults, some of
+    which (proxies, the cache directory, passwords) come from C{environ}.
+    """
+    top = _Table(data, "")
+
+    server_table = top.table("server")
+    server = ServerConfig(
+        listen=server_table.get("listen", _listen, ServerConfig.listen),
+        admin_listen=server_table.get("admin_listen", _strings, ServerConfig.admin_listen),
+        header_timeout=server_table.get(
+            "header_timeout", _positive_duration, ServerConfig.header_timeout
+        ),
+        idle_timeout=server_table.get(
+            "idle_timeout", _positive_duration, ServerConfig.idle_timeout
+        ),
+        shutdown_timeout=server_table.get(
+            "shutdown_timeout", parse_duration, ServerConfig.shutdown_timeout
+        ),
+    )
+    server_table.finish()
+
+    log_table = top.table("log")
+    log = LogConfig(
+        format=log_table.get("format", _log_format, LogConfig.format),
+        access_log=log_table.get("access_log", _boolean, LogConfig.access_log),
+    )
+    log_table.finish()
+
+    cache_table = top.table("cache")
+    directory = cache_table.get(
+        "directory", lambda v: Path(_string(v)).expanduser(), default_cache_directory(environ)
+    )
+    cache = CacheConfig(
+        directory=directory,
+        size_limit=cache_table.get("size_limit", parse_size, CacheConfig.size_limit),
+        tag_ttl=cache_table.get("tag_ttl", parse_duration, CacheConfig.tag_ttl),
+        negative_ttl=cache_table.get("negative_ttl", parse_duration, CacheConfig.negative_ttl),
+        fill_after_disconnect=cache_table.get(
+            "fill_after_disconnect", _boolean, CacheConfig.fill_after_disconnect
+        ),
+    )
+    cache_table.finish()
+
+    upstream_table = top.table("upstream")
+    defaults = UpstreamConfig(
+        proxy=proxy_from_environment(environ),
+        backoff_initial=upstream_table.get(
+            "backoff_initial", _positive_duration, UpstreamConfig.backoff_initial
+        ),
+        backoff_max=upstream_table.get(
+            "backoff_max", _positive_duration, UpstreamConfig.backoff_max
+        ),
+        body_timeout=upstream_table.get(
+            "body_timeout", _positive_duration, UpstreamConfig.body_timeout
+        ),
+        resume_attempts=upstream_table.get(
+            "resume_attempts", _count, UpstreamConfig.resume_attempts
+        ),
+    )
+    upstream = _upstream(upstream_table, defaults)
+    upstream_table.finish()
+
+    registry_tables = top.tables("registry")
+    if registry_tables is None:
+        registries = tuple(replace(r, upstream=upstream) for r in builtin_registries())
+    else:
+        if not registry_tables:
+            raise ConfigError("registry", "needs at least one [[registry]]")
+        parsed = [_registry(table, upstream, environ) for table in registry_tables]
+        _check_registries(parsed, "registry")
+        registries = tuple(parsed)
+
+    top.finish()
+    return Config(
+        server=server,
+        cache=cache,
+        registries=registries,
+        upstream=upstream,
+        log=log,
+        source=source,
+    )
+
+
+def load_config(path: str, environ: Mapping[str, str] = os.environ) -> Config:
+    """Read and validate a config file."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(path, f"cannot read config file: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, f"not valid TOML: {e}") from None
+    try:
+        return parse_config(data, source=path, environ=environ)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e.where}" if e.where else path, e.problem) from None
+
+
+def default_config(environ: Mapping[str, str] = os.environ) -> Config:
+    """The configuration of a plain C{twistd -n txregistry}."""
+    return parse_config({}, environ=environ)

@@ -1,0 +1,1 @@
+"""Running txregistry: listeners, logs, systemd and metrics."""

@@ -1,0 +1,1 @@
+"""Talking to upstream registries: connections, auth, mirrors and failover."""
