@@ -16,7 +16,6 @@ is not running yet, which is the only time twistd can still exit non-zero.
 from __future__ import annotations
 
 import signal
-from functools import partial
 from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
@@ -32,7 +31,6 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
@@ -40,14 +38,18 @@ from twisted.web.server import Site
 from txregistry import __version__
 from txregistry.config import Config, ConfigError, RegistryConfig
 from txregistry.http.admin import AdminResource
-from txregistry.http.resource import Finished, RegistryResource, RegistrySite
+from txregistry.http.exchange import Finished
+from txregistry.http.resource import RegistryResource
 from txregistry.http.routing import Router
+from txregistry.http.site import RegistrySite
 from txregistry.ops.listen import ReloadableTLS, server_endpoint
 from txregistry.ops.logs import choose_observer
 from txregistry.ops.metrics import Metrics
 from txregistry.ops.systemd import notify
 from txregistry.repository.pullthrough import PullThroughCache
-from txregistry.storage.disk import CacheStore
+from txregistry.storage.disk import DiskStorage
+from txregistry.storage.interface import IStorage
+from txregistry.storage.runner import in_thread_pool
 from txregistry.storage.staging import threaded_spools
 from txregistry.upstream.client import Upstream
 from txregistry.upstream.endpoints import registry_agent
@@ -130,11 +132,12 @@ class RegistryService(MultiService):
         super().__init__()
         self.config = config
         self._reactor: IReactorCore = reactor
-        self.threadpool = ThreadPool(minthreads=1, maxthreads=4, name="txregistry-cache")
-        self.store = CacheStore(
+        self.threadpool = ThreadPool(minthreads=1, maxthreads=4, name="txregistry-storage")
+        self.storage: IStorage = DiskStorage(
             config.cache.directory,
             config.cache.size_limit,
-            partial(deferToThreadPool, reactor, self.threadpool),
+            in_thread_pool(reactor, self.threadpool),
+            spools=threaded_spools(reactor),
         )
         clock: IReactorTime = reactor
         resolver = resolver or reactor.nameResolver
@@ -142,18 +145,12 @@ class RegistryService(MultiService):
             r.name: Upstream(r, registry_agent(reactor, resolver, r), clock)
             for r in config.registries
         }
-        self.cache = PullThroughCache(
-            self.store,
-            self.upstreams,
-            clock,
-            config.cache,
-            spool=threaded_spools(reactor),
-        )
-        self.metrics = Metrics(self.cache, self.upstreams, self.store)
+        self.cache = PullThroughCache(self.storage, self.upstreams, clock, config.cache)
+        self.metrics = Metrics(self.cache, self.upstreams, self.storage)
         router = Router(config.registries)
         server = config.server
         resource = RegistryResource(
-            router, self.cache, self.health, self.metrics.render, self._finished, clock
+            router, self.cache, clock, self.health, self.metrics.render, self._finished
         )
         self.site = RegistrySite(
             resource,
@@ -167,7 +164,7 @@ class RegistryService(MultiService):
         self.admin_listeners = self._listeners(
             "server.admin_listen", server.admin_listen, self.admin_site
         )
-        self._figures = LoopingCall(self.store.update_figures)
+        self._figures = LoopingCall(self.storage.update_figures)
         self._figures.clock = clock
         self.ready = False
 
@@ -215,13 +212,9 @@ class RegistryService(MultiService):
 
     def startService(self) -> None:
         self.threadpool.start()
-        self.store.open()
-        if self.store.available:
+        self.storage.start()
+        if self.storage.status != "unavailable":
             self.log.info("cache open in {directory}", directory=str(self.config.cache.directory))
-            if self.store.crashed:
-                # In the background: the store serves meanwhile, and nothing
-                # it holds can be half-written (see CacheStore.repair).
-                self.store.repair()
         super().startService()
         if self.tls:
             self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
@@ -281,20 +274,15 @@ class RegistryService(MultiService):
             await listeners_stopped
         await self.cache.drain(self.config.server.shutdown_timeout)
         self.threadpool.stop()
-        self.store.close()
+        self.storage.stop()
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """
         What C{/health} says: 200 once listening with the cache open, the
         cache's state and each mirror's.  It holds no secrets.
         """
-        cache: dict[str, Any] = {
-            "directory": str(self.config.cache.directory),
-            "status": self.store.status,
-        }
-        if self.store.problem is not None:
-            cache["problem"] = self.store.problem
-        status = "ok" if self.store.status == "ok" else "degraded"
+        cache = self.storage.describe()
+        status = "ok" if self.storage.status == "ok" else "degraded"
         registries = {name: upstream.describe() for name, upstream in self.upstreams.items()}
         return 200, {
             "status": status,

@@ -20,7 +20,7 @@ from typing import Any
 
 from treq.testing import RequestTraversalAgent
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -32,23 +32,21 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from txregistry.config import CacheConfig, MirrorConfig, RegistryConfig
-from txregistry.http.resource import Finished, RegistryResource, RegistrySite
+from txregistry.http.exchange import Finished
+from txregistry.http.resource import RegistryResource
 from txregistry.http.routing import Router
+from txregistry.http.site import RegistrySite
 from txregistry.oci.reference import Digest
 from txregistry.ops.metrics import Metrics
 from txregistry.repository.pullthrough import PullThroughCache
-from txregistry.storage.disk import CacheStore
+from txregistry.storage.disk import DiskStorage
+from txregistry.storage.runner import run_inline
 from txregistry.storage.staging import InlineSpool, SpoolFactory
 from txregistry.upstream.client import Upstream
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-
-
-def run_now(f: Callable[..., Any], *args: Any) -> Any:
-    """A store runner that blocks: fine when nothing else is running."""
-    return maybeDeferred(f, *args)
 
 
 @dataclass
@@ -441,14 +439,14 @@ class MemoryRegistry:
                 "docker.io", (MirrorConfig("https://registry-1.docker.io"),), default=True
             )
         ]
-        self.store = CacheStore(tmp_path / "cache", size_limit, run_now)
-        self.store.open()
+        self.storage = DiskStorage(
+            tmp_path / "cache", size_limit, run_inline, spools=spool, now=self.clock.seconds
+        )
+        self.storage.start()
         self.cache_config = CacheConfig(tmp_path / "cache", size_limit, tag_ttl, **cache)
         self.upstreams = {r.name: Upstream(r, self.agent, self.clock) for r in self.registries}
-        self.cache = PullThroughCache(
-            self.store, self.upstreams, self.clock, self.cache_config, spool=spool
-        )
-        self.metrics = Metrics(self.cache, self.upstreams, self.store)
+        self.cache = PullThroughCache(self.storage, self.upstreams, self.clock, self.cache_config)
+        self.metrics = Metrics(self.cache, self.upstreams, self.storage)
         # How each request ended, as the access log would say.
         self.finished: list[Finished] = []
 
@@ -459,10 +457,10 @@ class MemoryRegistry:
         resource = RegistryResource(
             Router(self.registries),
             self.cache,
+            self.clock,
             lambda: (200, {"status": "ok"}),
             self.metrics.render,
             finished,
-            self.clock,
         )
         # The clock of client connections: header and idle timeouts.
         self.site_clock = MemoryReactorClock()

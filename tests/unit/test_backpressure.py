@@ -16,9 +16,8 @@ from twisted.web.client import ResponseDone
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from txregistry.http.senders import CHUNK_SIZE
+from txregistry.http.senders import CHUNK_SIZE, StreamThrough
 from txregistry.oci.reference import Digest
-from txregistry.repository.fill import StreamThrough
 from txregistry.sockets import READ_SIZE, SEND_SIZE, read_in_large_pieces, send_in_large_pieces
 
 LIMIT = 128 * 1024
@@ -71,7 +70,7 @@ def test_slow_client_of_a_miss_does_not_slow_the_download(tmp_path):
     registry.pump()
     # The whole blob arrived and was stored while the client read nothing.
     assert transport.paused and transport.peak <= BOUND
-    assert registry.store.open_blob(Digest.parse(digest)).result is not None
+    assert registry.storage.open_blob(Digest.parse(digest)).result is not None
 
     response = drain_until_complete(client, transport, registry.pump)
     assert (response.body, response.headers["x-cache"]) == (blob, "MISS")

@@ -216,4 +216,4 @@ def test_wrong_content_from_a_digest_only_mirror_is_refused_and_not_cached(net):
     response = net.tx.get(f"/v2/x/manifests/{digest}")
     assert response.status == 502
     assert "manifest content has digest" in response.json()["errors"][0]["message"]
-    assert net.tx.store.get_manifest(Digest.parse(digest)).result is None
+    assert net.tx.storage.get_manifest(Digest.parse(digest)).result is None

@@ -57,7 +57,7 @@ def assert_still_answering(tx):
 def assert_nothing_escaped(tx, tmp_path_factory):
     hosts = {s.url.split("/")[2] for s in tx.agent.sent}
     assert hosts <= {"registry-1.docker.io"}, hosts
-    outside = {p.name for p in tx.store.directory.parent.iterdir()}
+    outside = {p.name for p in tx.storage.directory.parent.iterdir()}
     assert outside == {"cache"}, outside
 
 

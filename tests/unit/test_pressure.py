@@ -9,35 +9,16 @@ import functools
 import json
 import os
 
-import diskcache
-import pytest
-from harness.memory import OCI_MANIFEST, BufferedTransport, MemoryRegistry, run_now
-from twisted.internet.task import Clock
+from harness.memory import OCI_MANIFEST, BufferedTransport, MemoryRegistry
 
 from txregistry.http import senders as sender_module
 from txregistry.oci.reference import Digest
 from txregistry.repository import fill as fill_module
-from txregistry.repository import pullthrough as proxy_module
+from txregistry.repository import fills as fills_module
 from txregistry.storage import staging as spool_module
-from txregistry.storage.disk import CacheStore
 
 MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}).encode()
 BLOB_SIZE = 200_000
-
-
-@pytest.fixture
-def clock(monkeypatch):
-    """diskcache's idea of the time (its LRU order), on a Clock."""
-    clock = Clock()
-    clock.advance(1_000)
-
-    class Time:
-        @staticmethod
-        def time():
-            return clock.seconds()
-
-    monkeypatch.setattr(diskcache.core, "time", Time)
-    return clock
 
 
 def blobs(registry, count):
@@ -45,15 +26,16 @@ def blobs(registry, count):
 
 
 def cached(registry, digest):
-    found = registry.store.open_blob(Digest.parse(digest)).result
+    found = registry.storage.open_blob(Digest.parse(digest)).result
     if found is not None:
-        found.file.close()
+        found.source.release()
     return found is not None
 
 
-def test_least_recently_used_blob_is_evicted_first(tmp_path, clock):
-    # Room for two blobs and the index, not three.
+def test_least_recently_used_blob_is_evicted_first(tmp_path):
+    # Room for two blobs and some manifests, not three blobs.
     registry = MemoryRegistry(tmp_path, size_limit=2 * BLOB_SIZE + 100_000)
+    clock = registry.clock
     a, b, c = blobs(registry, 3)
     registry.get(f"/v2/x/blobs/{a}")
     clock.advance(1)
@@ -63,11 +45,12 @@ def test_least_recently_used_blob_is_evicted_first(tmp_path, clock):
     clock.advance(1)
     registry.get(f"/v2/x/blobs/{c}")
     assert (cached(registry, a), cached(registry, b), cached(registry, c)) == (True, False, True)
-    assert registry.store.evictions == 1
+    assert registry.storage.evictions == 1
 
 
-def test_blob_being_read_survives_its_own_eviction(tmp_path, clock):
+def test_blob_being_read_survives_its_own_eviction(tmp_path):
     registry = MemoryRegistry(tmp_path, size_limit=2 * BLOB_SIZE + 100_000)
+    clock = registry.clock
     a, b, c = blobs(registry, 3)
     registry.get(f"/v2/x/blobs/{a}")
     slow = BufferedTransport(16 * 1024)
@@ -85,16 +68,18 @@ def test_blob_being_read_survives_its_own_eviction(tmp_path, clock):
     assert reader.response().headers["x-cache"] == "HIT"
 
 
-def test_manifests_and_tags_count_towards_the_limit(tmp_path, clock):
+def test_manifests_and_tags_count_towards_the_limit(tmp_path):
     registry = MemoryRegistry(tmp_path, size_limit=60_000)
+    clock = registry.clock
     big = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "pad": "x" * 40_000}).encode()
     registry.upstream.add_manifest("library/a", "1", big)
     registry.upstream.add_manifest("library/b", "1", big.replace(b"x", b"y"))
     registry.get("/v2/a/manifests/1")
     clock.advance(1)
     registry.get("/v2/b/manifests/1")
-    assert registry.store.evictions >= 1
-    assert registry.store.volume().result <= 60_000 + 40_000
+    assert registry.storage.evictions >= 1
+    registry.storage.update_figures()
+    assert registry.storage.figures.size <= 60_000
 
 
 def failing_disk(monkeypatch, after: int):
@@ -147,14 +132,14 @@ def test_full_disk_still_serves_the_whole_verified_blob_uncached(tmp_path, monke
         response = pull_in_pieces(registry, digest)
         assert (response.body, response.complete) == (registry.upstream.blobs[digest], True)
         assert not cached(registry, digest)
-    assert registry.store.status == "degraded"
+    assert registry.storage.status == "degraded"
     assert len(logs.matching("cache degraded: cannot write to the cache: No space left")) == 1
-    assert list(registry.store.tmp_directory.iterdir()) == []
+    assert list(registry.storage.tmp_directory.iterdir()) == []
 
     monkeypatch.undo()
     third = blobs(registry, 1)[0]
     registry.get(f"/v2/x/blobs/{third}")
-    assert cached(registry, third) and registry.store.status == "ok"
+    assert cached(registry, third) and registry.storage.status == "ok"
     assert len(logs.matching("cache healthy again")) == 1
 
 
@@ -163,7 +148,7 @@ def test_relaying_waits_for_the_slowest_client(tmp_path, monkeypatch):
     # in production (1 MiB and 8 MiB).
     monkeypatch.setattr(sender_module, "CHUNK_SIZE", 16 * 1024)
     monkeypatch.setattr(
-        proxy_module,
+        fills_module,
         "FillPolicy",
         functools.partial(fill_module.FillPolicy, relay_window=64 * 1024),
     )
@@ -199,7 +184,7 @@ def test_relaying_waits_for_the_slowest_client(tmp_path, monkeypatch):
 def test_unwritable_download_directory_streams_through(tmp_path, logs):
     registry = MemoryRegistry(tmp_path)
     digest = blobs(registry, 1)[0]
-    tmp = registry.store.tmp_directory
+    tmp = registry.storage.tmp_directory
     tmp.rmdir()
     tmp.write_text("not a directory")
     response = registry.get(f"/v2/x/blobs/{digest}")
@@ -208,7 +193,7 @@ def test_unwritable_download_directory_streams_through(tmp_path, logs):
         True,
         "MISS",
     )
-    assert registry.store.status == "degraded"
+    assert registry.storage.status == "degraded"
     assert logs.matching("cache degraded: cannot create a download file")
 
 
@@ -218,37 +203,10 @@ def test_restart_keeps_the_cache_and_the_first_pull_is_a_hit(tmp_path):
     digest = blobs(before, 1)[0]
     before.get("/v2/alpine/manifests/1")
     before.get(f"/v2/alpine/blobs/{digest}")
-    before.store.close()
+    before.storage.close()
 
     after = MemoryRegistry(tmp_path)
-    assert after.store.crashed is False
+    assert after.storage.crashed is False
     assert after.get("/v2/alpine/manifests/1").headers["x-cache"] == "HIT"
     assert after.get(f"/v2/alpine/blobs/{digest}").headers["x-cache"] == "HIT"
     assert after.agent.sent == []
-
-
-def test_a_crash_is_repaired_at_the_next_start(tmp_path, logs):
-    store = CacheStore(tmp_path, 1 << 30, run_now)
-    store.open()
-    data = b"kept" * 10_000
-    fd, path = store.new_temp_file(Digest.of(data))
-    os.write(fd, data)
-    os.close(fd)
-    store.commit_blob(Digest.of(data), path, len(data))
-    # A crash between a blob's file being moved in and its entry written:
-    orphan = tmp_path / "store" / "ab" / "cd" / "orphan.val"
-    orphan.parent.mkdir(parents=True, exist_ok=True)
-    orphan.write_bytes(b"half a blob")
-    leftover = store.tmp_directory / "sha256-0000.partial"
-    leftover.write_bytes(b"an interrupted download")
-    # ... and no close().
-
-    again = CacheStore(tmp_path, 1 << 30, run_now)
-    again.open()
-    assert again.crashed and not leftover.exists()
-    assert again.repair().result == 1
-    assert not orphan.exists()
-    blob = again.open_blob(Digest.of(data)).result
-    assert blob.file.read() == data
-    blob.file.close()
-    assert logs.matching("checked the cache after an unclean stop: 1 problems fixed")

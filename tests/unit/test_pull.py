@@ -143,7 +143,7 @@ class TestManifests:
         registry.upstream.manifests[digest] = (OCI_MANIFEST, b"{}")
         response = registry.get("/v2/alpine/manifests/1")
         assert response.status == 502
-        assert registry.store.get_manifest(Digest.parse(digest)).result is None
+        assert registry.storage.get_manifest(Digest.parse(digest)).result is None
 
     def test_client_without_accept_gets_modern_types_asked_for(self, registry):
         registry.upstream.add_manifest("library/alpine", "1", MANIFEST)
@@ -256,8 +256,8 @@ class TestBlobs:
         assert response.aborted and not response.complete
         # The client never saw the last byte, so never a complete blob.
         assert response.body == blob[:-1]
-        assert registry.store.open_blob(Digest.parse(digest)).result is None
-        assert list(registry.store.tmp_directory.iterdir()) == []
+        assert registry.storage.open_blob(Digest.parse(digest)).result is None
+        assert list(registry.storage.tmp_directory.iterdir()) == []
 
     def test_cut_connection_without_resuming_aborts_the_client(self, tmp_path):
         no_resume = RegistryConfig(
@@ -275,8 +275,8 @@ class TestBlobs:
         registry.pump()
         response = client.response()
         assert response.aborted and response.body == blob[: 60_000 - 1]
-        assert registry.store.open_blob(Digest.parse(digest)).result is None
-        assert list(registry.store.tmp_directory.iterdir()) == []
+        assert registry.storage.open_blob(Digest.parse(digest)).result is None
+        assert list(registry.storage.tmp_directory.iterdir()) == []
 
     def test_corrupt_blob_caught_before_answering_is_a_502(self, registry):
         blob = os.urandom(1000)

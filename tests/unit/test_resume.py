@@ -41,7 +41,7 @@ def cut(registry, request):
 
 
 def cached(registry, digest):
-    return registry.store.open_blob(Digest.parse(digest)).result is not None
+    return registry.storage.open_blob(Digest.parse(digest)).result is not None
 
 
 def test_cut_download_resumes_with_a_range_from_the_same_mirror(tmp_path, logs):
@@ -110,7 +110,7 @@ def test_when_resuming_fails_clients_are_aborted_and_nothing_is_cached(tmp_path)
     assert response.aborted and not response.complete
     assert response.body == BLOB[: 120_000 - 1]
     assert not cached(registry, digest)
-    assert list(registry.store.tmp_directory.iterdir()) == []
+    assert list(registry.storage.tmp_directory.iterdir()) == []
 
 
 def test_resume_at_the_wrong_offset_counts_as_a_failed_attempt(tmp_path):
@@ -178,17 +178,17 @@ def test_fill_goes_on_when_the_client_leaves(tmp_path):
 
 
 def test_fill_can_be_set_to_stop_when_its_clients_leave(tmp_path):
-    registry = registry_with(tmp_path)
-    registry.cache._config = registry.cache_config.__class__(
-        registry.cache_config.directory, fill_after_disconnect=False
+    config = RegistryConfig(
+        "docker.io", (MirrorConfig("https://registry-1.docker.io"),), default=True
     )
+    registry = MemoryRegistry(tmp_path, registries=[config], fill_after_disconnect=False)
     client, held, digest = start(registry)
     held[0].write(BLOB[:100_000])
     registry.pump()
     client.disconnect()
     assert held[0]._disconnected, "the upstream download was stopped"
     assert not cached(registry, digest)
-    assert list(registry.store.tmp_directory.iterdir()) == []
+    assert list(registry.storage.tmp_directory.iterdir()) == []
 
 
 @pytest.mark.parametrize("readers", [2, 5])

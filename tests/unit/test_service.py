@@ -76,15 +76,16 @@ def test_health_reports_a_degraded_cache(tmp_path):
     service = service_for(
         tmp_path, RegistryConfig("docker.io", (MirrorConfig("https://r.example"),))
     )
-    service.store.open()
+    service.storage.open()
     code, document = service.health()
     assert (code, document["status"], document["cache"]["status"]) == (200, "ok", "ok")
-    service.store.report_problem("cannot write to the cache: No space left on device")
+    service.storage.report_problem("cannot write to the cache: No space left on device")
     code, document = service.health()
     assert (code, document["status"]) == (200, "degraded")
     assert document["cache"] == {
+        "backend": "disk",
         "directory": str(tmp_path / "cache"),
         "status": "degraded",
         "problem": "cannot write to the cache: No space left on device",
     }
-    service.store.close()
+    service.storage.close()

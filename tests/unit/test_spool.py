@@ -15,7 +15,7 @@ from harness.memory import MemoryRegistry
 from twisted.internet.defer import Deferred, succeed
 
 from txregistry.repository import fill as fill_module
-from txregistry.repository import pullthrough as proxy_module
+from txregistry.repository import fills as fills_module
 from txregistry.storage.staging import InlineSpool, ThreadSpool
 
 # Guards against a hung thread, never a measurement.
@@ -71,7 +71,7 @@ class SlowDiskSpool:
 def slow_disk(monkeypatch):
     """A registry whose downloads' spools are kept in a list, with a 64 KiB window."""
     monkeypatch.setattr(
-        proxy_module, "FillPolicy", functools.partial(fill_module.FillPolicy, relay_window=65_536)
+        fills_module, "FillPolicy", functools.partial(fill_module.FillPolicy, relay_window=65_536)
     )
     holds: list[bool] = []
     hold = fill_module.FillFromResponse.hold

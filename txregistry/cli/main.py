@@ -15,16 +15,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
-from typing import IO
+from collections.abc import Coroutine, Sequence
+from typing import IO, Any, TypeVar, cast
 
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from txregistry import __version__
 from txregistry.config import Config, ConfigError, default_config, load_config
 from txregistry.ops.listen import server_endpoint
-from txregistry.storage.disk import CacheStore
+from txregistry.storage import upkeep
+from txregistry.storage.disk import DiskStorage
+from txregistry.storage.runner import run_inline
 from txregistry.upstream.endpoints import MirrorTLSPolicy
+
+T = TypeVar("T")
 
 DEFAULT_CONFIG = "/etc/txregistry/txregistry.toml"
 
@@ -45,7 +50,8 @@ def check_config(path: str, out: IO[str]) -> int:
     try:
         # What startup would refuse, short of binding ports: endpoint
         # descriptions, TLS certificates, CA files.
-        reactor = MemoryReactorClock()
+        from twisted.internet import reactor
+
         for key, descriptions in (
             ("server.listen", config.server.listen),
             ("server.admin_listen", config.server.admin_listen),
@@ -88,49 +94,61 @@ def check_config(path: str, out: IO[str]) -> int:
 
 def cache_command(action: str, config: Config, out: IO[str]) -> int:
     """C{cache stats}, C{cache verify} and C{cache gc}, on the cache directory."""
-    store = CacheStore(config.cache.directory, config.cache.size_limit, _unused_runner)
-    store.open(exclusive=False)
-    if not store.available:
-        print(f"txregistry: {store.problem}", file=sys.stderr)
+    storage = DiskStorage(config.cache.directory, config.cache.size_limit, run_inline)
+    # Not exclusive: the service may be running on the same cache.
+    storage.open(exclusive=False)
+    if storage.status == "unavailable":
+        print(f"txregistry: {storage.problem}", file=sys.stderr)
         return 1
     try:
         if action == "stats":
-            stats = store.stats()
-            lookups = stats["hits"] + stats["misses"]
-            ratio = f"{100 * stats['hits'] / lookups:.1f}%" if lookups else "-"
-            kinds = stats["by_kind"]
-            print(f"directory   {stats['directory']}", file=out)
+            found = _now(upkeep.stats(storage))
+            figures, kinds = found.figures, found.by_kind
+            hits, misses = storage.hit_counts()
+            lookups = hits + misses
+            ratio = f"{100 * hits / lookups:.1f}%" if lookups else "-"
+            limit = config.cache.size_limit
+            print(f"directory   {config.cache.directory}", file=out)
             print(
-                f"size        {_size(stats['size'])} of {_size(stats['size_limit'])}"
-                f" ({100 * stats['size'] // max(stats['size_limit'], 1)}%)",
+                f"size        {_size(figures.size)} of {_size(limit)}"
+                f" ({100 * figures.size // max(limit, 1)}%)",
                 file=out,
             )
             print(
-                f"entries     {stats['entries']} ({kinds['blob']} blobs,"
+                f"entries     {figures.entries} ({kinds['blob']} blobs,"
                 f" {kinds['manifest']} manifests, {kinds['tag']} tags)",
                 file=out,
             )
-            print(f"hit ratio   {ratio} ({stats['hits']} hits, {stats['misses']} misses)", file=out)
+            print(
+                f"pinned      {_size(figures.pinned_size)} in {figures.pinned_entries} entries"
+                " (never evicted)",
+                file=out,
+            )
+            print(f"hit ratio   {ratio} ({hits} hits, {misses} misses)", file=out)
         elif action == "verify":
-            checked, removed = store.verify()
+            checked, removed = _now(upkeep.verify(storage))
             for key in removed:
                 print(f"removed corrupt entry {key}", file=out)
             print(
                 f"verified {checked} blobs and manifests: {len(removed)} corrupt, removed", file=out
             )
         else:
-            evicted = store.gc()
-            print(
-                f"evicted {evicted} entries; the cache holds {_size(store.stats()['size'])}",
-                file=out,
-            )
+            evicted = _now(upkeep.gc(storage))
+            size = _now(upkeep.stats(storage)).figures.size
+            print(f"evicted {evicted} entries; the cache holds {_size(size)}", file=out)
     finally:
-        store.close()
+        storage.close()
     return 0
 
 
-def _unused_runner(f, *args):  # type: ignore[no-untyped-def]
-    raise AssertionError("the command line runs store operations directly")
+def _now(work: Coroutine[Any, Any, T]) -> T:
+    """The result of upkeep run with an inline runner, which never waits."""
+    results: list[Any] = []
+    Deferred.fromCoroutine(work).addBoth(results.append)
+    (result,) = results
+    if isinstance(result, Failure):
+        result.raiseException()
+    return cast(T, result)
 
 
 def _size(size: int) -> str:

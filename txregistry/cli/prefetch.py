@@ -21,20 +21,11 @@ from typing import IO, Any
 
 from txregistry.config import DOCKER_HUB_NAMES, normalize_registry_name
 from txregistry.oci.errors import RegistryError
+from txregistry.oci.mediatypes import INDEX_TYPES, MANIFEST_TYPES
 from txregistry.oci.reference import Digest, Tag, looks_like_registry_host, validate_name
 from txregistry.ops.listen import split_description
 
-INDEX_TYPES = {
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-}
-ACCEPT = ", ".join(
-    [
-        *sorted(INDEX_TYPES),
-        "application/vnd.oci.image.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.v2+json",
-    ]
-)
+ACCEPT = ", ".join(MANIFEST_TYPES)
 _MACHINES = {
     "x86_64": "amd64",
     "amd64": "amd64",

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
-from enum import Enum
 
 from txregistry.config import RegistryConfig, normalize_registry_name
 from txregistry.oci.errors import RegistryError
@@ -32,53 +30,13 @@ from txregistry.oci.reference import (
     parse_reference,
     validate_name,
 )
-
-
-class Kind(Enum):
-    """What a /v2/ request asks for."""
-
-    MANIFEST = "manifests"
-    BLOB = "blobs"
-    TAGS = "tags"
-    REFERRERS = "referrers"
-
+from txregistry.repository.interface import Kind, Route
 
 # The name is greedy, so the last "/manifests/" in a path is the separator:
 # "a/manifests/manifests/latest" is tag "latest" of repository "a/manifests".
 _OBJECT_RE = re.compile(r"(?P<name>.+)/(?P<kind>manifests|blobs|referrers)/(?P<ref>[^/]+)")
 _TAGS_RE = re.compile(r"(?P<name>.+)/tags/list")
 _UPLOAD_RE = re.compile(r".+/blobs/uploads(?:/.*)?")
-
-
-@dataclass(frozen=True)
-class Route:
-    """
-    A parsed /v2/ request.
-
-    @ivar repository: the name to use upstream, with Docker Hub's
-        C{library/} already added.
-    @ivar prefix: the registry path prefix the client used, or C{""}.
-    """
-
-    registry: RegistryConfig
-    repository: str
-    kind: Kind
-    reference: Reference | None = None
-
-    prefix: str = ""
-
-    @property
-    def digest(self) -> Digest:
-        assert isinstance(self.reference, Digest)
-        return self.reference
-
-    def describe(self) -> str:
-        """A short description for logs and errors, like C{library/alpine:3.20}."""
-        if isinstance(self.reference, Digest):
-            return f"{self.repository}@{self.reference}"
-        if self.reference is not None:
-            return f"{self.repository}:{self.reference}"
-        return f"{self.repository} {self.kind.value}"
 
 
 class Router:

@@ -1,86 +1,39 @@
 """
 Sending a file to an HTTP client, as fast as the client takes it.
 
-One producer, L{FileSender}, serves both a finished file from the cache and
-a download still in progress (a L{txregistry.repository.fill.BlobFill}): it reads from
-the source at its own offset, up to what the source says may be sent, and
-waits when it catches up.  A slow client therefore costs a file offset, not
-memory, and never slows the download or other clients.
+One producer, L{FileSender}, serves every L{ByteSource}: a stored blob, or
+a download still in progress (a L{txregistry.repository.fill.BlobFill}).  It
+reads from the source at its own offset, up to what the source says may be
+sent, and waits when it catches up.  A slow client therefore costs a file
+offset, not memory, and never slows the download or other clients.
+
+L{StreamThrough} pipes an upstream body straight to one client when a blob
+is not to be cached at all (it is larger than the cache, say).
 """
 
 from __future__ import annotations
 
-import os
-from typing import IO, Protocol, cast
+from collections.abc import Callable
+from typing import cast
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, ITCPTransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.server import Request
 from zope.interface import implementer
+
+from txregistry.oci.reference import Digest
+from txregistry.oci.verify import BlobCheckFailed, check_blob
+from txregistry.storage.interface import ByteSource
+from txregistry.upstream.bodies import describe_failure
 
 # How much is read from disk and written to the transport at a time: the
 # fastest of 64 KiB to 1 MiB in bench/, for one client and for eight.
 CHUNK_SIZE = 256 << 10
-
-
-class ByteSource(Protocol):
-    """
-    A file that L{FileSender}s read, which may still be growing.
-
-    It is reference counted: whoever hands a source to someone takes a
-    reference for them, and every holder calls L{release} once.  The file
-    is closed with the last reference.
-    """
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Up to C{length} bytes from C{offset}, which is below L{available}."""
-
-    def available(self) -> int:
-        """How many bytes, from the start of the file, may be sent now."""
-
-    def is_complete(self) -> bool:
-        """Whether L{available} is the whole file and will not grow."""
-
-    def failure(self) -> Failure | None:
-        """Why the file will never be complete, if it won't."""
-
-    def subscribe(self, sender: FileSender) -> None:
-        """Call C{sender.more_data()} whenever there is news."""
-
-    def unsubscribe(self, sender: FileSender) -> None: ...
-
-    def release(self) -> None:
-        """Drop one reference."""
-
-
-class CompleteFile:
-    """A finished file, such as a blob from the cache, with one reference."""
-
-    def __init__(self, file: IO[bytes], size: int) -> None:
-        self._file = file
-        self._size = size
-
-    def read(self, offset: int, length: int) -> bytes:
-        return os.pread(self._file.fileno(), length, offset)
-
-    def available(self) -> int:
-        return self._size
-
-    def is_complete(self) -> bool:
-        return True
-
-    def failure(self) -> Failure | None:
-        return None
-
-    def subscribe(self, sender: FileSender) -> None:
-        pass
-
-    def unsubscribe(self, sender: FileSender) -> None:
-        pass
-
-    def release(self) -> None:
-        self._file.close()
 
 
 def abort_connection(request: Request) -> None:
@@ -198,3 +151,82 @@ class FileSender:
     def _client(self) -> str:
         client = self._request.getClientAddress()
         return str(getattr(client, "host", client))
+
+
+@implementer(IPushProducer)
+class StreamThrough(Protocol):
+    """
+    Pipes an upstream blob straight to one client, without caching it.
+
+    The client's backpressure pauses the upstream connection, so memory
+    stays flat.  The last byte is held back until the digest matches.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        request: Request,
+        digest: Digest,
+        expected_size: int | None,
+        on_data: Callable[[int], None] | None = None,
+    ) -> None:
+        self._request = request
+        self._on_data = on_data
+        self._digest = digest
+        self._expected_size = expected_size
+        self._hash = digest.hasher()
+        self._received = 0
+        self._held = b""
+        self._client_gone = False
+        self.done: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self._request.registerProducer(self, True)
+        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._client_gone:
+            return
+        self._hash.update(data)
+        self._received += len(data)
+        if self._on_data is not None:
+            self._on_data(len(data))
+        out, self._held = self._held + data[:-1], data[-1:]
+        if out:
+            self._request.write(out)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._client_gone:
+            self.done.callback(None)
+            return
+        self._request.unregisterProducer()
+        try:
+            if not reason.check(ResponseDone, PotentialDataLoss):
+                raise BlobCheckFailed(f"upstream connection lost: {describe_failure(reason)}")
+            check_blob(self._digest, self._expected_size, self._received, self._hash.hexdigest())
+        except BlobCheckFailed as e:
+            self.log.warn("streaming {digest} failed: {why}", digest=str(self._digest), why=str(e))
+            abort_connection(self._request)
+        else:
+            self._request.write(self._held)
+            self._request.finish()
+        self.done.callback(None)
+
+    # The upstream body's transport (Twisted's TransportProxyProducer) is a
+    # push producer: pausing it stops reading from the upstream socket.
+
+    def pauseProducing(self) -> None:
+        if self.transport is not None:
+            IPushProducer(self.transport).pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.transport is not None:
+            IPushProducer(self.transport).resumeProducing()
+
+    def stopProducing(self) -> None:
+        if self._client_gone:
+            return
+        self._client_gone = True
+        if self.transport is not None:
+            IPushProducer(self.transport).stopProducing()

@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from txregistry.repository.pullthrough import PullThroughCache
-    from txregistry.storage.disk import CacheStore
+    from txregistry.storage.interface import IStorage
     from txregistry.upstream.client import Upstream
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -28,11 +28,11 @@ class _StateCollector(Collector):
     """Reads the parts' own counters at each scrape."""
 
     def __init__(
-        self, cache: PullThroughCache, upstreams: dict[str, Upstream], store: CacheStore
+        self, cache: PullThroughCache, upstreams: dict[str, Upstream], storage: IStorage
     ) -> None:
         self._cache = cache
         self._upstreams = upstreams
-        self._store = store
+        self._storage = storage
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -72,22 +72,27 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             "txregistry_fills_in_flight",
             "Blob downloads in progress",
-            value=self._cache.fills_in_flight,
+            value=len(self._cache.fills),
         )
         yield GaugeMetricFamily(
             "txregistry_cache_size_bytes",
-            "Bytes the cache holds on disk (updated every 15s)",
-            value=self._store.last_volume,
+            "Bytes the cache holds, pinned content included (updated every 15s)",
+            value=self._storage.figures.size,
         )
         yield GaugeMetricFamily(
             "txregistry_cache_entries",
             "Entries in the cache: blobs, manifests and tag answers (updated every 15s)",
-            value=self._store.last_entries,
+            value=self._storage.figures.entries,
+        )
+        yield GaugeMetricFamily(
+            "txregistry_cache_pinned_bytes",
+            "Bytes of pinned content, which eviction never removes (updated every 15s)",
+            value=self._storage.figures.pinned_size,
         )
         yield CounterMetricFamily(
             "txregistry_cache_evictions",
             "Entries evicted to stay under the size limit",
-            value=self._store.evictions,
+            value=self._storage.evictions,
         )
 
 
@@ -95,7 +100,7 @@ class Metrics:
     """The metrics of one txregistry, in a registry of their own."""
 
     def __init__(
-        self, cache: PullThroughCache, upstreams: dict[str, Upstream], store: CacheStore
+        self, cache: PullThroughCache, upstreams: dict[str, Upstream], storage: IStorage
     ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -109,7 +114,7 @@ class Metrics:
             "Bytes sent to clients from the cache",
             registry=self.registry,
         )
-        self.registry.register(_StateCollector(cache, upstreams, store))
+        self.registry.register(_StateCollector(cache, upstreams, storage))
 
     def request_done(self, kind: str, status: int, cache: str, sent: int) -> None:
         self.requests.labels(kind, str(status), cache.lower() or "none").inc()

@@ -32,7 +32,6 @@ blob is not to be cached at all (it is larger than the cache, say).
 
 from __future__ import annotations
 
-import os
 import re
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -46,35 +45,18 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.server import Request
-from zope.interface import implementer
 
-from txregistry.http.senders import FileSender, abort_connection
 from txregistry.oci.reference import Digest
-from txregistry.storage.staging import InlineSpool, SpoolFactory
+from txregistry.oci.verify import BlobCheckFailed, check_blob
+from txregistry.storage.interface import IStagedBlob, Reader
 from txregistry.upstream.bodies import describe_failure
 from txregistry.upstream.client import UpstreamResponse
 
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
-class BlobCheckFailed(Exception):
-    """What the upstream sent is not the blob that was asked for."""
-
-
 class FillAbandoned(Exception):
     """The download was stopped because nobody wants it any more."""
-
-
-def _check(digest: Digest, expected_size: int | None, received: int, actual_hex: str) -> None:
-    if expected_size is not None and received != expected_size:
-        raise BlobCheckFailed(
-            f"upstream sent {received} bytes of {digest}, but announced {expected_size}"
-        )
-    if actual_hex != digest.hex:
-        raise BlobCheckFailed(
-            f"upstream sent content with digest {digest.algorithm}:{actual_hex} for {digest}"
-        )
 
 
 class Resumer(TypingProtocol):
@@ -170,19 +152,16 @@ class BlobFill:
         self,
         digest: Digest,
         expected_size: int | None,
-        fd: int,
-        path: str,
+        staged: IStagedBlob,
         source: str,
         clock: IReactorTime,
         policy: FillPolicy = FillPolicy(),
         resume: Resumer | None = None,
         on_relay: Callable[[BlobFill, str], None] | None = None,
         on_data: Callable[[int], None] | None = None,
-        spool: SpoolFactory = InlineSpool,
     ) -> None:
         self.digest = digest
         self.expected_size = expected_size
-        self.path = path
         self.source = source
         self.clock = clock
         self.policy = policy
@@ -190,17 +169,17 @@ class BlobFill:
         self.resumes = 0
         self.cacheable = True
         self.verified: Deferred[int] = Deferred()
-        self._fd: int | None = fd
         self._resume = resume
         self._on_relay = on_relay
         self._on_data = on_data
         # Fired by the owner once it hands the fill out no more.
         self.settled: Deferred[None] = Deferred()
-        self._spool = spool(fd, digest.hasher())
+        self._staged = staged
+        self._closed = False
         self._complete = False
         self._download_ended = False
         self._failure: Failure | None = None
-        self._senders: set[FileSender] = set()
+        self._senders: set[Reader] = set()
         self._references = 1
         self._download: FillFromResponse | None = None
         # Bytes before _on_disk are in the file; bytes from _tail.start on
@@ -219,12 +198,12 @@ class BlobFill:
     # ByteSource, for the FileSenders that follow this fill.
 
     def read(self, offset: int, length: int) -> bytes:
-        assert self._fd is not None
+        assert not self._closed
         if self._tail.start <= offset < self._tail.end:
             data = self._tail.read(offset, length)
         else:
             assert offset < self._on_disk, "a client fell behind the relay window"
-            data = os.pread(self._fd, min(length, self._on_disk - offset), offset)
+            data = self._staged.read(offset, min(length, self._on_disk - offset))
         if self._relaying:
             self._trim()
         return data
@@ -239,10 +218,10 @@ class BlobFill:
     def failure(self) -> Failure | None:
         return self._failure
 
-    def subscribe(self, sender: FileSender) -> None:
+    def subscribe(self, sender: Reader) -> None:
         self._senders.add(sender)
 
-    def unsubscribe(self, sender: FileSender) -> None:
+    def unsubscribe(self, sender: Reader) -> None:
         self._senders.discard(sender)
         if self._senders or not self.active:
             return
@@ -253,15 +232,15 @@ class BlobFill:
 
     def acquire(self) -> BlobFill:
         """Take a reference, for someone the fill is handed to."""
-        assert self._fd is not None, "a fill was handed out after its last release"
+        assert not self._closed, "a fill was handed out after its last release"
         self._references += 1
         return self
 
     def release(self) -> None:
         self._references -= 1
-        if self._references == 0 and self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._references == 0 and not self._closed:
+            self._closed = True
+            self._staged.close()
 
     @property
     def active(self) -> bool:
@@ -277,7 +256,7 @@ class BlobFill:
     def write(self, data: bytes) -> None:
         if not self.active:
             return
-        self._spool.append(data)
+        self._staged.append(data)
         self._tail.append(data)
         self.received += len(data)
         if self._on_data is not None:
@@ -290,8 +269,8 @@ class BlobFill:
         Catch up with the spool, drop what memory need not hold any more,
         and pause or resume the download by how much it holds.
         """
-        self._on_disk = self._spool.written
-        failure = self._spool.failure
+        self._on_disk = self._staged.written
+        failure = self._staged.failure
         if failure is not None and not self._relaying and not self._settled:
             self._start_relaying(failure)
         keep_from = self._on_disk
@@ -310,7 +289,7 @@ class BlobFill:
     def _wait_for_disk(self) -> None:
         if not self._waiting_for_disk:
             self._waiting_for_disk = True
-            self._spool.wake_on_progress(self._on_disk, self._disk_progressed)
+            self._staged.wake_on_progress(self._on_disk, self._disk_progressed)
 
     def _disk_progressed(self) -> None:
         self._waiting_for_disk = False
@@ -341,20 +320,20 @@ class BlobFill:
             return
         self._download_ended = True
         self._download = None
-        self._spool.close().addCallbacks(self._spooled, self.fail)
+        self._staged.seal().addCallbacks(self._spooled, self.fail)
 
     def _spooled(self, hex_digest: str) -> None:
         if self._settled:
             return
         self._trim()
         try:
-            _check(self.digest, self.expected_size, self.received, hex_digest)
+            check_blob(self.digest, self.expected_size, self.received, hex_digest)
         except BlobCheckFailed as e:
             self.fail(Failure(e))
             return
         self._complete = True
         if not self.cacheable:
-            self.discard_file()
+            self._staged.abort()
         self._notify()
         self.verified.callback(self.received)
 
@@ -420,7 +399,6 @@ class BlobFill:
         if self._settled:
             return
         self._failure = reason
-        self._spool.abandon()
         self._pause_download(False)
         download, self._download = self._download, None
         if download is not None:
@@ -433,7 +411,7 @@ class BlobFill:
             reason=describe_failure(reason),
         )
         self._tail.clear()
-        self.discard_file()
+        self._staged.abort()
         self._notify()
         self.verified.errback(reason)
         # Whoever waits on "verified" has been told; the failure is handled.
@@ -446,12 +424,15 @@ class BlobFill:
         for sender in list(self._senders):
             sender.more_data()
 
-    def discard_file(self) -> None:
-        """Remove the download file, if it is still there."""
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+    def commit(self, pinned: bool = False) -> Deferred[bool]:
+        """Store the verified blob; if that fails, drop what was staged."""
+
+        def stored(ok: bool) -> bool:
+            if not ok:
+                self._staged.abort()
+            return ok
+
+        return self._staged.commit(self.digest, self.received, pinned).addCallback(stored)
 
 
 class FillFromResponse(Protocol):
@@ -550,82 +531,3 @@ class FillFromResponse(Protocol):
 class _Discard(Protocol):
     def dataReceived(self, data: bytes) -> None:
         pass
-
-
-@implementer(IPushProducer)
-class StreamThrough(Protocol):
-    """
-    Pipes an upstream blob straight to one client, without caching it.
-
-    The client's backpressure pauses the upstream connection, so memory
-    stays flat.  The last byte is held back until the digest matches.
-    """
-
-    log = Logger()
-
-    def __init__(
-        self,
-        request: Request,
-        digest: Digest,
-        expected_size: int | None,
-        on_data: Callable[[int], None] | None = None,
-    ) -> None:
-        self._request = request
-        self._on_data = on_data
-        self._digest = digest
-        self._expected_size = expected_size
-        self._hash = digest.hasher()
-        self._received = 0
-        self._held = b""
-        self._client_gone = False
-        self.done: Deferred[None] = Deferred()
-
-    def connectionMade(self) -> None:
-        self._request.registerProducer(self, True)
-        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._client_gone:
-            return
-        self._hash.update(data)
-        self._received += len(data)
-        if self._on_data is not None:
-            self._on_data(len(data))
-        out, self._held = self._held + data[:-1], data[-1:]
-        if out:
-            self._request.write(out)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._client_gone:
-            self.done.callback(None)
-            return
-        self._request.unregisterProducer()
-        try:
-            if not reason.check(ResponseDone, PotentialDataLoss):
-                raise BlobCheckFailed(f"upstream connection lost: {describe_failure(reason)}")
-            _check(self._digest, self._expected_size, self._received, self._hash.hexdigest())
-        except BlobCheckFailed as e:
-            self.log.warn("streaming {digest} failed: {why}", digest=str(self._digest), why=str(e))
-            abort_connection(self._request)
-        else:
-            self._request.write(self._held)
-            self._request.finish()
-        self.done.callback(None)
-
-    # The upstream body's transport (Twisted's TransportProxyProducer) is a
-    # push producer: pausing it stops reading from the upstream socket.
-
-    def pauseProducing(self) -> None:
-        if self.transport is not None:
-            IPushProducer(self.transport).pauseProducing()
-
-    def resumeProducing(self) -> None:
-        if self.transport is not None:
-            IPushProducer(self.transport).resumeProducing()
-
-    def stopProducing(self) -> None:
-        if self._client_gone:
-            return
-        self._client_gone = True
-        if self.transport is not None:
-            IPushProducer(self.transport).stopProducing()

@@ -1,24 +1,24 @@
 """
-The disk cache: blobs, manifests and tag answers, kept in diskcache.
+The disk backend: blobs, manifests and tag answers in a local directory,
+kept by diskcache, with eviction by our own index (L{ContentIndex}).
 
 Layout of the cache directory::
 
-    tmp/     downloads in progress; emptied at startup
+    tmp/     blobs being staged; emptied at startup
     store/   the diskcache database and the blob files it owns
+    index.sqlite  sizes, access times and pins, for eviction (L{ContentIndex})
     running  present while txregistry runs: found at startup, it means the
              last run did not stop cleanly, and the store is checked
 
-A blob is downloaded into C{tmp/}, hashed as it arrives, and only once its
-size and digest have been checked is its file I{moved} (not copied) into
-diskcache's tree by L{_MovingDisk}.  diskcache then owns it: it counts its
-size against the limit and deletes it when it evicts it, least recently used
-first.  Every diskcache call blocks, so all of them go through the
-C{run_blocking} callable, which in the service runs them in a thread pool of
-their own.
+A blob is staged in C{tmp/} (L{txregistry.storage.staging}), and only once
+its owner has checked its size and digest is its file I{moved} (not copied)
+into diskcache's tree by L{_MovingDisk}; a hit is then checked against the
+size it was stored with before it is served.  Every diskcache and index
+call blocks, so all of them go through the runner.
 
-A failing cache never fails a request: a lookup that fails is a miss, a
-store that fails is skipped, and the store reports itself degraded (one log
-line per change of state) until a blob is stored again.
+A failing disk never fails a request: a lookup that fails is a miss, a
+store that fails is skipped, and the backend reports itself degraded (one
+log line per change of state) until something is stored again.
 """
 
 from __future__ import annotations
@@ -26,25 +26,38 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol, TypeVar
+from typing import IO, Any, TypeVar
 
 import diskcache
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from txregistry.oci.reference import Digest
+from txregistry.storage.disk_index import ContentIndex
+from txregistry.storage.interface import (
+    BLOB,
+    MANIFEST,
+    TAG,
+    IStagedBlob,
+    IStorage,
+    Reader,
+    StorageFigures,
+    StoredBlob,
+    StoredManifest,
+    TagEntry,
+)
+from txregistry.storage.runner import BlockingRunner
+from txregistry.storage.staging import InlineSpool, SpoolFactory, StagedFile
 
 T = TypeVar("T")
-
-
-class BlockingRunner(Protocol):
-    """Runs a blocking call somewhere it cannot stall the reactor."""
-
-    def __call__(self, f: Callable[..., T], /, *args: Any) -> Deferred[T]: ...
+# What a tag answer counts for against the size limit: its key and fields.
+_TAG_SIZE = 512
 
 
 @dataclass(frozen=True)
@@ -59,9 +72,11 @@ class _MovingDisk(diskcache.Disk):  # type: ignore[misc]
     """
     A diskcache C{Disk} that takes a L{_VerifiedFile} by renaming it into the
     cache directory, so that committing a 1 GiB blob costs one C{rename}.
+    (A custom C{Disk} is diskcache's documented way to change how values
+    are stored.)
     """
 
-    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
+    def store(self, value: Any, read: bool, key: Any = diskcache.UNKNOWN) -> Any:
         if isinstance(value, _VerifiedFile):
             filename, full_path = self.filename(key, value)
             os.makedirs(os.path.dirname(full_path), exist_ok=True)
@@ -70,102 +85,83 @@ class _MovingDisk(diskcache.Disk):  # type: ignore[misc]
         return super().store(value, read, key)
 
 
-@dataclass
-class CachedBlob:
-    """An open, verified blob file from the cache."""
+class LocalFile:
+    """A stored blob's open file, served as a complete L{ByteSource} with one reference."""
 
-    file: IO[bytes]
-    size: int
+    def __init__(self, file: IO[bytes], size: int) -> None:
+        self._file = file
+        self._size = size
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self._file.fileno(), length, offset)
+
+    def available(self) -> int:
+        return self._size
+
+    def is_complete(self) -> bool:
+        return True
+
+    def failure(self) -> Failure | None:
+        return None
+
+    def subscribe(self, reader: Reader) -> None:
+        pass
+
+    def unsubscribe(self, reader: Reader) -> None:
+        pass
+
+    def release(self) -> None:
+        self._file.close()
 
 
-@dataclass(frozen=True)
-class CachedManifest:
-    media_type: str
-    body: bytes
+def _key(kind: str, name: str) -> str:
+    return f"{kind}/{name}"
 
 
-@dataclass(frozen=True)
-class TagEntry:
+@implementer(IStorage)
+class DiskStorage:
     """
-    What a tag meant when the upstream last told us, and when that was.
+    Content by digest, and tag answers, in a directory.
 
-    @ivar checked_at: the clock time of the last answer from upstream, in
-        seconds since the epoch, so that it survives a restart.
-    """
+    Until L{start} succeeds the backend is unavailable: every lookup misses
+    and nothing is stored, so requests are still served, straight from
+    upstream.
 
-    digest: str
-    media_type: str
-    size: int
-    checked_at: float
-
-
-_LEAST_RECENTLY_USED = diskcache.core.EVICTION_POLICY["least-recently-used"]["cull"]
-
-
-def _evict_to_limit(cache: diskcache.Cache) -> int:
-    """
-    Evict the least recently used entries, one at a time, until the cache is
-    under its size limit; return how many.
-
-    diskcache's own cull() evicts ten at a time, which with blobs of a GiB
-    throws away far more than needed.  This uses diskcache's own query for
-    its least-recently-used order, through its connection (C{_sql}).
-    """
-    evicted = 0
-    select = _LEAST_RECENTLY_USED.format(fields="key, raw", now=0)
-    while cache.volume() > cache.size_limit:
-        with cache.transact():
-            rows = cache._sql(select, (1,)).fetchall()
-            if not rows:
-                break
-            ((db_key, raw),) = rows
-            cache.delete(cache._disk.get(db_key, raw))
-        evicted += 1
-    return evicted
-
-
-def _blob_key(digest: Digest) -> str:
-    return f"blob/{digest}"
-
-
-def _manifest_key(digest: Digest) -> str:
-    return f"manifest/{digest}"
-
-
-class CacheStore:
-    """
-    Cached content by digest, and tag answers, on disk.
-
-    Until L{open} succeeds the store is unavailable: every lookup misses and
-    nothing is stored, so requests are still served, straight from upstream.
-
-    @ivar evictions: entries evicted to keep under the size limit.
     @ivar crashed: whether the last run ended without closing the store.
     """
 
+    name = "disk"
     log = Logger()
 
-    def __init__(self, directory: Path, size_limit: int, run_blocking: BlockingRunner) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        size_limit: int,
+        run_blocking: BlockingRunner,
+        spools: SpoolFactory = InlineSpool,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        """
+        @param spools: how staged blobs are written and hashed: on threads
+            of their own in the service, inline in tests that drive the
+            reactor by hand.
+        @param now: the time of an access, for the order of eviction.
+        """
         self.directory = directory
         self.size_limit = size_limit
         self._run = run_blocking
+        self._spools = spools
+        self._now = now
         self._cache: diskcache.Cache | None = None
+        self._index: ContentIndex | None = None
         self.problem: str | None = "not opened yet"
         self.evictions = 0
         self.crashed = False
+        self.figures = StorageFigures()
         self._exclusive = True
-        # Refreshed by update_figures(), for metrics and stats.
-        self.last_volume = 0
-        self.last_entries = 0
-
-    @property
-    def available(self) -> bool:
-        """Whether the cache is open; it may still be degraded."""
-        return self._cache is not None
 
     @property
     def status(self) -> str:
-        """C{ok}, C{degraded} (open, but writes fail) or C{unavailable}."""
         if self._cache is None:
             return "unavailable"
         return "degraded" if self.problem else "ok"
@@ -174,13 +170,22 @@ class CacheStore:
     def tmp_directory(self) -> Path:
         return self.directory / "tmp"
 
+    def start(self) -> None:
+        """
+        Open the store, and after an unclean stop, check it in the
+        background (it serves meanwhile: see L{repair}).
+        """
+        self.open()
+        if self.crashed and self._cache is not None:
+            self.repair()
+
     def open(self, exclusive: bool = True) -> None:
         """
         Create the directories, remove downloads left by a previous run, and
-        open diskcache.  Called once at startup, before the reactor runs.
+        open diskcache and the index.
 
         @param exclusive: false for the command line, which works on the
-            cache beside a running service: it then only opens diskcache
+            cache beside a running service: it then only opens the store
             (which is safe across processes), and leaves the downloads and
             the C{running} marker alone.
         """
@@ -194,34 +199,49 @@ class CacheStore:
                 self._running_marker.touch()
             elif not (self.directory / "store").is_dir():
                 raise OSError(f"no cache in {self.directory}")
-            self._cache = diskcache.Cache(
+            cache = diskcache.Cache(
                 str(self.directory / "store"),
                 disk=_MovingDisk,
-                size_limit=self.size_limit,
-                eviction_policy="least-recently-used",
-                # Eviction is done by _evict_to_limit, after each store.
+                # Eviction is ours (see evict_to_limit), by the index.
+                eviction_policy="none",
+                size_limit=1 << 62,
                 cull_limit=0,
                 # Hits and misses, kept across restarts, for "cache stats".
                 statistics=1,
             )
+            # Beside diskcache's directory, not in it: its check(fix) removes
+            # every file it does not know.
+            index_path = self.directory / "index.sqlite"
+            adopting = not index_path.exists()
+            index = ContentIndex(index_path)
+            if adopting:
+                # A cache from before the index, or one whose index was lost.
+                self._adopt(cache, index)
         except Exception as e:
             self.problem = f"cannot open the cache in {self.directory}: {e}"
             self.log.error("{problem}; serving without a cache", problem=self.problem)
             return
+        self._cache, self._index = cache, index
         self.problem = None
+
+    def stop(self) -> None:
+        self.close()
 
     def close(self) -> None:
         if self._cache is not None:
             self._cache.close()
-            if self._exclusive:
-                self._running_marker.unlink(missing_ok=True)
+            self._cache = None
+        if self._index is not None:
+            self._index.close()
+            self._index = None
+        if self._exclusive:
+            self._running_marker.unlink(missing_ok=True)
 
     @property
     def _running_marker(self) -> Path:
         return self.directory / "running"
 
     def report_problem(self, problem: str) -> None:
-        """Writing to the cache failed: say so, once per change of state."""
         if self.problem is None:
             self.log.error("cache degraded: {problem}; serving without caching", problem=problem)
         self.problem = problem
@@ -231,17 +251,32 @@ class CacheStore:
             self.log.info("cache healthy again: storing what is fetched")
             self.problem = None
 
+    def describe(self) -> dict[str, Any]:
+        description: dict[str, Any] = {
+            "backend": self.name,
+            "directory": str(self.directory),
+            "status": self.status,
+        }
+        if self.problem is not None:
+            description["problem"] = self.problem
+        return description
+
     # Blobs.
 
-    def new_temp_file(self, digest: Digest) -> tuple[int, str]:
-        """
-        Create a file for a download in progress: an open file descriptor
-        (for reading and writing) and its path.
+    def can_stage(self, size: int | None) -> bool:
+        if self._cache is None:
+            return False
+        if size is not None and size > self.size_limit:
+            self.log.info(
+                "a blob of {size} bytes is larger than the cache; streaming it uncached",
+                size=size,
+            )
+            return False
+        return True
 
-        @raise OSError: the file cannot be created; the store is degraded.
-        """
+    def stage_blob(self, digest: Digest) -> IStagedBlob:
         try:
-            return tempfile.mkstemp(
+            fd, path = tempfile.mkstemp(
                 prefix=f"{digest.algorithm}-{digest.hex[:16]}.",
                 suffix=".partial",
                 dir=self.tmp_directory,
@@ -249,72 +284,81 @@ class CacheStore:
         except OSError as e:
             self.report_problem(f"cannot create a download file: {e.strerror or e}")
             raise
+        return StagedFile(fd, path, digest.hasher(), self._spools, self._commit_staged)
 
-    def open_blob(self, digest: Digest) -> Deferred[CachedBlob | None]:
-        return self._read(self._open_blob, digest)
-
-    def _open_blob(self, cache: diskcache.Cache, digest: Digest) -> CachedBlob | None:
-        key = _blob_key(digest)
-        file, size = cache.get(key, read=True, tag=True)
-        if file is None:
-            return None
-        if not isinstance(size, int) or os.fstat(file.fileno()).st_size != size:
-            # A file cut short on disk must never be served.
-            file.close()
-            cache.delete(key)
-            self.log.warn(
-                "removed cache entry {digest}: its file has the wrong size", digest=str(digest)
-            )
-            return None
-        return CachedBlob(file, size)
-
-    def commit_blob(self, digest: Digest, path: str, size: int) -> Deferred[bool]:
-        """
-        Move a verified download into the cache.  Fires with whether it was
-        stored; if not, the file is still at C{path}.
-        """
-        stored = self._write(self._commit_blob, digest, path, size)
+    def _commit_staged(
+        self, staged: StagedFile, digest: Digest, size: int, pinned: bool
+    ) -> Deferred[bool]:
+        stored = self._write(self._commit_blob, digest, staged.path, size, pinned)
 
         def done(evicted: int | None) -> bool:
             if evicted is None:
                 return False
-            self.evictions += evicted
             self._report_healthy()
             return True
 
         return stored.addCallback(done)
 
-    def _commit_blob(self, cache: diskcache.Cache, digest: Digest, path: str, size: int) -> int:
+    def _commit_blob(
+        self, cache: diskcache.Cache, digest: Digest, path: str, size: int, pinned: bool
+    ) -> int:
         with open(path, "rb") as f:
             # The entry must not point at data still only in the page cache.
             os.fsync(f.fileno())
+        key = _key(BLOB, str(digest))
         # diskcache's tag column holds the verified size, which lets a hit
         # be checked against its file without reading it.
-        cache.set(_blob_key(digest), _VerifiedFile(path, size), tag=size)
-        return _evict_to_limit(cache)
+        cache.set(key, _VerifiedFile(path, size), tag=size)
+        return self._added(cache, key, size, pinned)
+
+    def open_blob(self, digest: Digest) -> Deferred[StoredBlob | None]:
+        return self._read(self._open_blob, digest)
+
+    def _open_blob(self, cache: diskcache.Cache, digest: Digest) -> StoredBlob | None:
+        key = _key(BLOB, str(digest))
+        file, size = cache.get(key, read=True, tag=True)
+        if file is None:
+            self._forget_missing(key)
+            return None
+        if not isinstance(size, int) or os.fstat(file.fileno()).st_size != size:
+            # A file cut short on disk must never be served.
+            file.close()
+            self._delete(cache, key)
+            self.log.warn(
+                "removed cache entry {digest}: its file has the wrong size", digest=str(digest)
+            )
+            return None
+        self._touch(key)
+        return StoredBlob(LocalFile(file, size), size)
 
     # Manifests.
 
-    def get_manifest(self, digest: Digest) -> Deferred[CachedManifest | None]:
+    def get_manifest(self, digest: Digest) -> Deferred[StoredManifest | None]:
         return self._read(self._get_manifest, digest)
 
-    def _get_manifest(self, cache: diskcache.Cache, digest: Digest) -> CachedManifest | None:
-        key = _manifest_key(digest)
+    def _get_manifest(self, cache: diskcache.Cache, digest: Digest) -> StoredManifest | None:
+        key = _key(MANIFEST, str(digest))
         try:
             value = cache.get(key)
             if value is None:
+                self._forget_missing(key)
                 return None
             media_type, body = value
-            return CachedManifest(media_type, body)
+            manifest = StoredManifest(media_type, body)
         except (ValueError, TypeError, EOFError, OSError, pickle.UnpicklingError):
             # A corrupt entry is a miss, and is removed.
-            cache.delete(key)
+            self._delete(cache, key)
             return None
+        self._touch(key)
+        return manifest
 
-    def put_manifest(self, digest: Digest, manifest: CachedManifest) -> Deferred[int | None]:
-        return self._count_evictions(
+    def put_manifest(
+        self, digest: Digest, manifest: StoredManifest, pinned: bool = False
+    ) -> Deferred[bool]:
+        value = (manifest.media_type, manifest.body)
+        return self._stored(
             self._write(
-                self._put_value, _manifest_key(digest), (manifest.media_type, manifest.body)
+                self._put_value, _key(MANIFEST, str(digest)), value, len(manifest.body), pinned
             )
         )
 
@@ -323,28 +367,118 @@ class CacheStore:
     def get_tag(self, key: str) -> Deferred[TagEntry | None]:
         return self._read(self._get_tag, key)
 
-    def _get_tag(self, cache: diskcache.Cache, key: str) -> TagEntry | None:
+    def _get_tag(self, cache: diskcache.Cache, name: str) -> TagEntry | None:
+        key = _key(TAG, name)
         try:
-            value = cache.get("tag/" + key)
-            return None if value is None else TagEntry(*value)
+            value = cache.get(key)
+            if value is None:
+                self._forget_missing(key)
+                return None
+            entry = TagEntry(*value)
         except (ValueError, TypeError, EOFError, OSError):
-            cache.delete("tag/" + key)
+            self._delete(cache, key)
             return None
+        self._touch(key)
+        return entry
 
-    def put_tag(self, key: str, entry: TagEntry) -> Deferred[int | None]:
+    def put_tag(self, key: str, entry: TagEntry, pinned: bool = False) -> Deferred[bool]:
         value = (entry.digest, entry.media_type, entry.size, entry.checked_at)
-        return self._count_evictions(self._write(self._put_value, "tag/" + key, value))
+        return self._stored(self._write(self._put_value, _key(TAG, key), value, _TAG_SIZE, pinned))
 
-    def _put_value(self, cache: diskcache.Cache, key: str, value: Any) -> int:
+    def _put_value(
+        self, cache: diskcache.Cache, key: str, value: Any, size: int, pinned: bool
+    ) -> int:
         cache.set(key, value)
-        return _evict_to_limit(cache)
+        return self._added(cache, key, size, pinned)
 
-    def _count_evictions(self, stored: Deferred[int | None]) -> Deferred[int | None]:
-        def count(evicted: int | None) -> int | None:
-            self.evictions += evicted or 0
-            return evicted
+    def _stored(self, written: Deferred[int | None]) -> Deferred[bool]:
+        return written.addCallback(lambda evicted: evicted is not None)
 
-        return stored.addCallback(count)
+    # Entries, eviction and pins.
+
+    def _added(self, cache: diskcache.Cache, key: str, size: int, pinned: bool) -> int:
+        """Index a new entry, then evict to make room for it; how many were evicted."""
+        assert self._index is not None
+        self._index.add(key, size, self._now(), pinned)
+        return self._evict(cache)
+
+    def _touch(self, key: str) -> None:
+        if self._index is not None:
+            self._index.touch(key, self._now())
+
+    def _forget_missing(self, key: str) -> None:
+        """diskcache has no such entry: the index must not count it."""
+        if self._index is not None and self._index.known(key):
+            self._index.remove(key)
+
+    def _delete(self, cache: diskcache.Cache, key: str) -> None:
+        if self._index is not None:
+            self._index.remove(key)
+        cache.delete(key)
+
+    def _cache_now(self) -> diskcache.Cache:
+        if self._cache is None:
+            raise OSError(self.problem or "the cache is not open")
+        return self._cache
+
+    def _evict(self, cache: diskcache.Cache) -> int:
+        """Evict least recently used, unpinned entries, one at a time, until within the limit."""
+        assert self._index is not None
+        evicted = 0
+        while self._index.totals()[0] > self.size_limit:
+            key = self._index.least_recently_used()
+            if key is None:
+                break
+            self._delete(cache, key)
+            evicted += 1
+        self.evictions += evicted
+        return evicted
+
+    def evict_to_limit(self) -> Deferred[int]:
+        return self._write(self._evict).addCallback(lambda evicted: evicted or 0)
+
+    def remove(self, kind: str, name: str) -> Deferred[bool]:
+        def remove(cache: diskcache.Cache) -> bool:
+            key = _key(kind, name)
+            present = key in cache
+            self._delete(cache, key)
+            return present
+
+        return self._write(remove).addCallback(bool)
+
+    def pin(self, kind: str, name: str, pinned: bool) -> Deferred[bool]:
+        def pin(cache: diskcache.Cache) -> bool:
+            assert self._index is not None
+            changed = self._index.pin(_key(kind, name), pinned)
+            if not pinned:
+                self._evict(cache)
+            return changed
+
+        return self._write(pin).addCallback(bool)
+
+    def entries(self, kind: str) -> Deferred[list[str]]:
+        def names(cache: diskcache.Cache) -> list[str]:
+            assert self._index is not None
+            prefix = f"{kind}/"
+            return [key[len(prefix) :] for key in self._index.keys(prefix)]
+
+        return self._read(names).addCallback(lambda names: names or [])
+
+    def update_figures(self) -> Deferred[None]:
+        def figures(cache: diskcache.Cache) -> StorageFigures:
+            assert self._index is not None
+            return StorageFigures(*self._index.totals())
+
+        def keep(figures: StorageFigures | None) -> None:
+            if figures is not None:
+                self.figures = figures
+
+        return self._read(figures).addCallback(keep)
+
+    def hit_counts(self) -> tuple[int, int]:
+        """Hits and misses since the cache was created (blocking: for the command line)."""
+        hits, misses = self._cache_now().stats()
+        return int(hits), int(misses)
 
     # Upkeep.
 
@@ -352,8 +486,9 @@ class CacheStore:
         """
         After a crash: remove files that no entry names (a crash between a
         blob being moved into the store and its entry being written) and
-        entries whose file is gone.  Entries are only ever written after
-        their file is complete, so nothing else can be half-done.
+        entries whose file is gone, and bring the index in line.  Entries
+        are only ever written after their file is complete, so nothing else
+        can be half-done.
         """
         return self._write(self._repair)
 
@@ -365,102 +500,40 @@ class CacheStore:
             for w in problems
             if str(w.message).startswith(("unknown file", "file not found"))
         ]
+        assert self._index is not None
+        self._index.keep_only(str(key) for key in cache.iterkeys())
+        self._adopt(cache, self._index)
         self.log.info(
             "checked the cache after an unclean stop: {count} problems fixed", count=len(fixed)
         )
         return len(fixed)
 
-    def update_figures(self) -> Deferred[None]:
-        """Refresh L{last_volume} and L{last_entries}, off the reactor thread."""
-
-        def figures(cache: diskcache.Cache) -> tuple[int, int]:
-            return int(cache.volume()), len(cache)
-
-        def keep(result: tuple[int, int] | None) -> None:
-            if result is not None:
-                self.last_volume, self.last_entries = result
-
-        return self._read(figures).addCallback(keep)
-
-    def volume(self) -> Deferred[int | None]:
-        """The bytes the cache holds on disk, index included."""
-        return self._read(lambda cache: int(cache.volume()))
-
-    def entries(self) -> Deferred[int | None]:
-        return self._read(lambda cache: len(cache))
-
-    # For the command line ("txregistry cache ..."), which runs them directly.
-
-    def stats(self) -> dict[str, Any]:
-        """Size, entries by kind, and hits and misses since the cache was created."""
-        cache = self._open_cache()
-        kinds: dict[str, int] = {"blob": 0, "manifest": 0, "tag": 0}
-        for key in cache.iterkeys():
-            kind = str(key).split("/", 1)[0]
-            kinds[kind] = kinds.get(kind, 0) + 1
-        hits, misses = cache.stats()
-        return {
-            "directory": str(self.directory),
-            "size": int(cache.volume()),
-            "size_limit": self.size_limit,
-            "entries": len(cache),
-            "by_kind": kinds,
-            "hits": hits,
-            "misses": misses,
-        }
-
-    def verify(self) -> tuple[int, list[str]]:
-        """
-        Re-hash every blob and manifest; remove those that do not match
-        their digest.  Returns how many were checked, and the removed keys.
-        """
-        cache = self._open_cache()
-        checked, removed = 0, []
-        for key in list(cache.iterkeys()):
-            kind, _, digest_text = str(key).partition("/")
-            if kind not in ("blob", "manifest"):
+    def _adopt(self, cache: diskcache.Cache, index: ContentIndex) -> None:
+        """Index the entries diskcache holds that the index does not know."""
+        now = self._now()
+        for raw in cache.iterkeys():
+            key = str(raw)
+            if index.known(key):
                 continue
-            digest = Digest.parse(digest_text)
-            checked += 1
-            if not self._matches(cache, kind, key, digest):
-                cache.delete(key)
-                removed.append(str(key))
-        return checked, removed
-
-    def _matches(self, cache: diskcache.Cache, kind: str, key: str, digest: Digest) -> bool:
-        hasher = digest.hasher()
-        try:
-            if kind == "manifest":
-                _, body = cache.get(key)
-                hasher.update(body)
+            kind = key.split("/", 1)[0]
+            if kind == BLOB:
+                _, size = cache.get(key, read=True, tag=True, default=(None, None))
+                size = size if isinstance(size, int) else 0
+            elif kind == MANIFEST:
+                value = cache.get(key)
+                size = len(value[1]) if value else 0
             else:
-                file = cache.get(key, read=True)
-                if file is None:
-                    return True  # evicted meanwhile
-                with file:
-                    for chunk in iter(lambda: file.read(1 << 20), b""):
-                        hasher.update(chunk)
-        except Exception:
-            return False
-        return hasher.hexdigest() == digest.hex
+                size = _TAG_SIZE
+            index.add(key, size, now)
 
-    def gc(self) -> int:
-        """Apply the size limit now; return how many entries were evicted."""
-        return _evict_to_limit(self._open_cache())
-
-    def _open_cache(self) -> diskcache.Cache:
-        if self._cache is None:
-            raise OSError(self.problem or "the cache is not open")
-        return self._cache
-
-    # Running diskcache calls.
+    # Running blocking calls.
 
     def _read(self, f: Callable[..., T], *args: Any) -> Deferred[T | None]:
-        """Run a lookup off the reactor thread; a failed lookup is a miss."""
+        """Run a lookup through the runner; a failed lookup is a miss."""
         return self._call(f, args, write=False)
 
     def _write(self, f: Callable[..., T], *args: Any) -> Deferred[T | None]:
-        """Run a store off the reactor thread; a failed store is skipped."""
+        """Run a store through the runner; a failed store is skipped."""
         return self._call(f, args, write=True)
 
     def _call(self, f: Callable[..., T], args: tuple[Any, ...], write: bool) -> Deferred[T | None]:

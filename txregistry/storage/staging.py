@@ -1,5 +1,10 @@
 """
-Writing a download to its file and hashing it, in order, as it arrives.
+Staging a blob: writing it to a file and hashing it, in order, as it
+arrives, until it is committed or aborted.
+
+L{StagedFile} is the disk's L{IStagedBlob}: a temporary file, a spool that
+writes and hashes into it, and reads of what is already written, for the
+clients that follow a download.
 
 Hashing (SHA-256 runs at about 2 GB/s on one core) and copying into the
 page cache are most of what a cold miss costs.  Both release the GIL, so
@@ -27,6 +32,10 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from txregistry.oci.reference import Digest
+from txregistry.storage.interface import IStagedBlob
 
 
 class Hasher(Protocol):
@@ -258,3 +267,70 @@ def threaded_spools(reactor: IReactorThreads) -> SpoolFactory:
         return ThreadSpool(fd, hasher, reactor.callFromThread)
 
     return spool
+
+
+@implementer(IStagedBlob)
+class StagedFile:
+    """
+    A blob staged in a temporary file of the disk backend.
+
+    C{commit} is the backend's: it moves the sealed file into the store.
+    The file descriptor stays open for reading back until L{close}, even
+    once the file has been moved or removed.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        path: str,
+        hasher: Hasher,
+        spools: SpoolFactory,
+        commit: Callable[[StagedFile, Digest, int, bool], Deferred[bool]],
+    ) -> None:
+        self.path = path
+        self._fd: int | None = fd
+        self._spool = spools(fd, hasher)
+        self._commit = commit
+        self._sealed: str | None = None
+
+    @property
+    def written(self) -> int:
+        return self._spool.written
+
+    @property
+    def failure(self) -> OSError | None:
+        return self._spool.failure
+
+    def append(self, data: bytes) -> None:
+        self._spool.append(data)
+
+    def wake_on_progress(self, seen: int, callback: Callable[[], None]) -> None:
+        self._spool.wake_on_progress(seen, callback)
+
+    def read(self, offset: int, length: int) -> bytes:
+        assert self._fd is not None, "a staged file was read after it was closed"
+        return os.pread(self._fd, min(length, self.written - offset), offset)
+
+    def seal(self) -> Deferred[str]:
+        def sealed(hex_digest: str) -> str:
+            self._sealed = hex_digest
+            return hex_digest
+
+        return self._spool.close().addCallback(sealed)
+
+    def commit(self, digest: Digest, size: int, pinned: bool = False) -> Deferred[bool]:
+        # The owner checked the digest; this makes sure it checked this one.
+        assert self._sealed == digest.hex, "a staged blob was committed under another digest"
+        return self._commit(self, digest, size, pinned)
+
+    def abort(self) -> None:
+        self._spool.abandon()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

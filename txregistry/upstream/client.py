@@ -32,6 +32,7 @@ from twisted.web.iweb import IAgent, IResponse
 from txregistry import __version__
 from txregistry.config import MirrorConfig, RegistryConfig
 from txregistry.oci.errors import RegistryError
+from txregistry.oci.mediatypes import OCI_MANIFEST
 from txregistry.oci.reference import Digest
 from txregistry.upstream.auth import (
     AuthError,
@@ -51,14 +52,9 @@ from txregistry.upstream.bodies import (
     read_body,
     within,
 )
-from txregistry.upstream.mirrors import (
-    MirrorSet,
-    Outcome,
-    UpstreamOffline,
-    UpstreamRefused,
-    UpstreamUnavailable,
-    conclude,
-)
+from txregistry.upstream.errors import UpstreamOffline, UpstreamRefused, UpstreamUnavailable
+from txregistry.upstream.mirrors import MirrorSet, Outcome, conclude
+from txregistry.upstream.transport import registry_http_client
 
 T = TypeVar("T")
 
@@ -141,7 +137,7 @@ def _declared_media_type(body: bytes) -> str:
         declared = json.loads(body).get("mediaType")
     except Exception:
         declared = None
-    return declared if isinstance(declared, str) else "application/vnd.oci.image.manifest.v1+json"
+    return declared if isinstance(declared, str) else OCI_MANIFEST
 
 
 def _failed(mirror: str, reason: str) -> _MirrorFailed:
@@ -177,9 +173,15 @@ class Upstream:
         self.ratelimit_remaining: int | None = None
         self._clock = clock
         self._timeout = registry.upstream.response_timeout
-        self._agent = RedirectAgent(agent, redirectLimit=5)
+        # Registry requests go through treq; redirects to blob storage are
+        # followed without carrying Authorization to another host.
+        self._http = registry_http_client(agent)
         self._tokens = TokenFetcher(
-            self._agent, clock, registry.name, registry.credentials, self._timeout
+            RedirectAgent(agent, redirectLimit=5),
+            clock,
+            registry.name,
+            registry.credentials,
+            self._timeout,
         )
         # The last challenge of each mirror, so that later requests can
         # authenticate from the start instead of after a 401.
@@ -245,6 +247,57 @@ class Upstream:
             return _checked_manifest(response, body, expected)
 
         return await self._across_mirrors(what, attempt, by_digest=expected is not None)
+
+    async def head_manifest(
+        self, repository: str, reference: str, accept: bytes, what: str, by_digest: bool = False
+    ) -> UpstreamResponse:
+        """HEAD a manifest: its digest, type and size, without its body."""
+        return await self.request(
+            b"HEAD",
+            repository,
+            f"manifests/{reference}",
+            what,
+            {b"Accept": accept},
+            by_digest=by_digest,
+        )
+
+    async def head_blob(self, repository: str, digest: Digest, what: str) -> UpstreamResponse:
+        return await self.request(b"HEAD", repository, f"blobs/{digest}", what, by_digest=True)
+
+    async def get_blob(
+        self,
+        repository: str,
+        digest: Digest,
+        what: str,
+        offset: int = 0,
+        start_with: str | None = None,
+    ) -> UpstreamResponse:
+        """GET a blob, or the rest of it from byte C{offset}, whose body is to be streamed."""
+        headers = {b"Range": f"bytes={offset}-".encode()} if offset else None
+        return await self.request(
+            b"GET",
+            repository,
+            f"blobs/{digest}",
+            what + (f" from byte {offset}" if offset else ""),
+            headers,
+            by_digest=True,
+            start_with=start_with,
+        )
+
+    async def get_listing(
+        self, repository: str, path: str, what: str, limit: int
+    ) -> tuple[UpstreamResponse, bytes]:
+        """
+        GET a small answer whole (C{tags/list}, C{referrers}): C{path} is
+        relative to the repository, query string included.
+        """
+        response = await self.request(b"GET", repository, path, what)
+        try:
+            return response, await read_body(response.response, limit)
+        except Exception as e:
+            raise UpstreamUnavailable(
+                self.registry.name, [(response.mirror, f"reading the response failed: {e}")]
+            ) from None
 
     def describe(self) -> dict[str, Any]:
         """This registry's upstream state for C{/health}: no secrets."""
@@ -372,9 +425,8 @@ class Upstream:
         if authorization is not None:
             headers.setRawHeaders(b"Authorization", [authorization])
         try:
-            response: IResponse = await within(
-                self._timeout, self._clock, self._agent.request(method, url, headers)
-            )
+            sent = self._http.request(method.decode("ascii"), url, headers=headers, unbuffered=True)
+            response = await within(self._timeout, self._clock, sent)
             return response
         except TimedOut:
             raise _failed(mirror.url, f"no response within {self._timeout:g}s") from None

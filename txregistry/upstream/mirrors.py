@@ -19,67 +19,15 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 
 from txregistry.config import MirrorConfig, RegistryConfig
-from txregistry.oci.errors import RegistryError
+from txregistry.upstream.errors import (
+    REFUSED_CODES,
+    UpstreamNotFound,
+    UpstreamRefused,
+    UpstreamUnavailable,
+)
 
-_REFUSED_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS"}
 # A mirror backs off only once it has failed this many times in a row.
 FAILURES_BEFORE_BACKOFF = 2
-
-
-class UpstreamNotFound(Exception):
-    """The upstream says it has no such repository, manifest or blob."""
-
-    def __init__(self, code: str | None, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class UpstreamRefused(Exception):
-    """Every mirror refused with the same 401, 403 or 429; the client should see that."""
-
-    def __init__(self, mirror: str, status: int, message: str, retry_after: str | None) -> None:
-        super().__init__(f"{mirror} answered HTTP {status}: {message}")
-        self.mirror = mirror
-        self.status = status
-        self.message = message
-        self.retry_after = retry_after
-
-    def as_registry_error(self) -> RegistryError:
-        headers = {"Retry-After": self.retry_after} if self.retry_after else {}
-        return RegistryError(
-            self.status,
-            _REFUSED_CODES[self.status],
-            f"upstream {self.mirror} refused the request: {self.message}",
-            headers=headers,
-        )
-
-
-class UpstreamUnavailable(Exception):
-    """No mirror answered usably; C{failures} holds each mirror and its reason."""
-
-    def __init__(self, registry: str, failures: Sequence[tuple[str, str]]) -> None:
-        super().__init__("; ".join(f"{m}: {r}" for m, r in failures))
-        self.registry = registry
-        self.failures = list(failures)
-
-    def as_registry_error(self) -> RegistryError:
-        return RegistryError.upstream_unavailable(self.registry, self.failures)
-
-
-class UpstreamOffline(UpstreamUnavailable):
-    """The registry is in offline mode: no upstream is asked."""
-
-    def __init__(self, registry: str) -> None:
-        super().__init__(registry, [])
-
-    def as_registry_error(self, what: str = "the content asked for is not cached") -> RegistryError:
-        return RegistryError(
-            503, "UNAVAILABLE", f"registry {self.registry} is in offline mode, and {what}"
-        )
-
-
-UPSTREAM_ERRORS = (UpstreamNotFound, UpstreamRefused, UpstreamUnavailable)
 
 
 @dataclass(frozen=True)
@@ -111,7 +59,7 @@ def conclude(registry: str, outcomes: Sequence[Outcome]) -> Exception:
         first = answered[0]
         return UpstreamNotFound(first.code, first.message or "not found")
     first = outcomes[0]
-    if first.status in _REFUSED_CODES and all(o.status == first.status for o in outcomes):
+    if first.status in REFUSED_CODES and all(o.status == first.status for o in outcomes):
         return UpstreamRefused(
             first.mirror, first.status, first.message or f"HTTP {first.status}", first.retry_after
         )

@@ -1,0 +1,244 @@
+"""
+The storage contract: what every backend must do, run against each one.
+
+A new backend proves itself by being added to L{BACKENDS}: the repository
+and HTTP layers rely on nothing that is not tested here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
+
+from txregistry.oci.reference import Digest
+from txregistry.storage import upkeep
+from txregistry.storage.disk import DiskStorage
+from txregistry.storage.interface import (
+    BLOB,
+    MANIFEST,
+    TAG,
+    IStagedBlob,
+    IStorage,
+    StoredManifest,
+    TagEntry,
+)
+from txregistry.storage.runner import run_inline
+
+Factory = Callable[[int], IStorage]
+
+
+def disk(tmp_path: Path, clock: Clock) -> Factory:
+    def make(size_limit: int) -> IStorage:
+        return DiskStorage(tmp_path / "cache", size_limit, run_inline, now=clock.seconds)
+
+    return make
+
+
+BACKENDS = {"disk": disk}
+
+
+@pytest.fixture
+def clock() -> Clock:
+    clock = Clock()
+    clock.advance(1_000_000)
+    return clock
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def make(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Iterator[Factory]:
+    """Makes started backends of one kind over the same place, and stops them after."""
+    started: list[IStorage] = []
+
+    def start(size_limit: int = 1 << 30) -> IStorage:
+        storage = BACKENDS[request.param](tmp_path, clock)(size_limit)
+        storage.start()
+        started.append(storage)
+        return storage
+
+    yield start
+    for storage in started:
+        storage.stop()
+
+
+def result(d: Deferred[object] | object) -> object:
+    """The result of a Deferred that has fired (the runner is inline)."""
+    if not isinstance(d, Deferred):
+        return d
+    results: list[object] = []
+    d.addBoth(results.append)
+    (value,) = results
+    return value
+
+
+def store_blob(storage: IStorage, data: bytes, pinned: bool = False) -> Digest:
+    digest = Digest.of(data)
+    staged = storage.stage_blob(digest)
+    staged.append(data)
+    assert result(staged.seal()) == digest.hex
+    assert result(staged.commit(digest, len(data), pinned)) is True
+    staged.close()
+    return digest
+
+
+def read_all(storage: IStorage, digest: Digest) -> bytes | None:
+    blob = result(storage.open_blob(digest))
+    if blob is None:
+        return None
+    try:
+        return blob.source.read(0, blob.size)  # type: ignore[attr-defined, no-any-return]
+    finally:
+        blob.source.release()  # type: ignore[attr-defined]
+
+
+def test_it_provides_the_interfaces(make: Factory) -> None:
+    storage = make()
+    assert verifyObject(IStorage, storage)
+    staged = storage.stage_blob(Digest.of(b"x"))
+    assert verifyObject(IStagedBlob, staged)
+    staged.abort()
+    staged.close()
+    assert storage.status == "ok"
+
+
+def test_a_committed_blob_is_served_whole(make: Factory) -> None:
+    storage = make()
+    data = os.urandom(300_000)
+    digest = store_blob(storage, data)
+    blob = result(storage.open_blob(digest))
+    assert blob.size == len(data)  # type: ignore[attr-defined]
+    source = blob.source  # type: ignore[attr-defined]
+    assert source.is_complete() and source.available() == len(data)
+    assert source.read(1000, 10) == data[1000:1010]
+    source.release()
+
+
+def test_staged_bytes_can_be_read_back_before_the_commit(make: Factory) -> None:
+    storage = make()
+    staged = storage.stage_blob(Digest.of(b"abcdef"))
+    staged.append(b"abc")
+    staged.append(b"def")
+    assert staged.written == 6
+    assert staged.read(2, 3) == b"cde"
+    staged.abort()
+    staged.close()
+
+
+def test_an_aborted_blob_is_never_stored(make: Factory) -> None:
+    storage = make()
+    digest = Digest.of(b"never")
+    staged = storage.stage_blob(digest)
+    staged.append(b"never")
+    staged.abort()
+    staged.close()
+    assert result(storage.open_blob(digest)) is None
+    assert result(storage.entries(BLOB)) == []
+
+
+def test_a_blob_cannot_be_committed_under_another_digest(make: Factory) -> None:
+    storage = make()
+    staged = storage.stage_blob(Digest.of(b"one"))
+    staged.append(b"one")
+    result(staged.seal())
+    with pytest.raises(AssertionError):
+        staged.commit(Digest.of(b"two"), 3)
+    staged.abort()
+    staged.close()
+    assert result(storage.open_blob(Digest.of(b"two"))) is None
+
+
+def test_missing_content_is_none(make: Factory) -> None:
+    storage = make()
+    assert result(storage.open_blob(Digest.of(b"nothing"))) is None
+    assert result(storage.get_manifest(Digest.of(b"nothing"))) is None
+    assert result(storage.get_tag("docker.io/library/a:1#x")) is None
+
+
+def test_manifests_and_tags(make: Factory) -> None:
+    storage = make()
+    body = b'{"schemaVersion": 2}'
+    digest = Digest.of(body)
+    assert result(storage.put_manifest(digest, StoredManifest("application/x.test", body)))
+    assert result(storage.get_manifest(digest)) == StoredManifest("application/x.test", body)
+    entry = TagEntry(str(digest), "application/x.test", len(body), 1234.5)
+    assert result(storage.put_tag("docker.io/library/a:1#x", entry))
+    assert result(storage.get_tag("docker.io/library/a:1#x")) == entry
+    assert result(storage.get_tag("docker.io/library/a:2#x")) is None
+
+
+def test_everything_survives_a_restart(make: Factory) -> None:
+    storage = make()
+    digest = store_blob(storage, b"persistent")
+    result(storage.put_manifest(digest, StoredManifest("t", b"m")))
+    result(storage.put_tag("r/a:1#x", TagEntry(str(digest), "t", 1, 5.0)))
+    storage.stop()
+    again = make()
+    assert read_all(again, digest) == b"persistent"
+    assert result(again.get_manifest(digest)) == StoredManifest("t", b"m")
+    assert result(again.get_tag("r/a:1#x")) == TagEntry(str(digest), "t", 1, 5.0)
+
+
+def test_the_least_recently_used_goes_first_one_at_a_time(make: Factory, clock: Clock) -> None:
+    storage = make(250_000)
+    a = store_blob(storage, os.urandom(100_000))
+    clock.advance(10)
+    b = store_blob(storage, os.urandom(100_000))
+    clock.advance(10)
+    assert read_all(storage, a) is not None  # a is used again
+    clock.advance(10)
+    c = store_blob(storage, os.urandom(100_000))
+    assert [read_all(storage, d) is not None for d in (a, b, c)] == [True, False, True]
+    assert storage.evictions == 1
+
+
+def test_pinned_content_is_never_evicted_and_counted_apart(make: Factory, clock: Clock) -> None:
+    storage = make(250_000)
+    pinned = store_blob(storage, os.urandom(100_000), pinned=True)
+    body = b"m" * 1000
+    manifest = Digest.of(body)
+    result(storage.put_manifest(manifest, StoredManifest("t", body), pinned=True))
+    for _ in range(4):
+        clock.advance(10)
+        store_blob(storage, os.urandom(100_000))
+    assert read_all(storage, pinned) is not None
+    assert result(storage.get_manifest(manifest)) is not None
+    result(storage.update_figures())
+    figures = storage.figures
+    assert (figures.pinned_entries, figures.pinned_size) == (2, 101_000)
+    assert figures.size <= 250_000
+    # Unpinned, it is the oldest, and goes first.
+    assert result(storage.pin(BLOB, str(pinned), False)) is True
+    clock.advance(10)
+    store_blob(storage, os.urandom(100_000))
+    assert read_all(storage, pinned) is None
+
+
+def test_entries_and_remove(make: Factory) -> None:
+    storage = make()
+    digest = store_blob(storage, b"blob")
+    result(storage.put_manifest(digest, StoredManifest("t", b"m")))
+    result(storage.put_tag("r/a:1#x", TagEntry(str(digest), "t", 1, 5.0)))
+    assert result(storage.entries(BLOB)) == [str(digest)]
+    assert result(storage.entries(MANIFEST)) == [str(digest)]
+    assert result(storage.entries(TAG)) == ["r/a:1#x"]
+    assert result(storage.remove(BLOB, str(digest))) is True
+    assert result(storage.remove(BLOB, str(digest))) is False
+    assert result(storage.open_blob(digest)) is None
+    assert result(storage.get_manifest(digest)) is not None
+
+
+def test_upkeep_counts_and_evicts_through_the_interface(make: Factory) -> None:
+    storage = make()
+    store_blob(storage, b"x" * 1000)
+    result(storage.put_tag("r/a:1#x", TagEntry("sha256:" + "0" * 64, "t", 1, 5.0)))
+    found = result(Deferred.fromCoroutine(upkeep.stats(storage)))
+    assert found.by_kind == {BLOB: 1, MANIFEST: 0, TAG: 1}  # type: ignore[attr-defined]
+    assert found.figures.entries == 2  # type: ignore[attr-defined]
+    checked = result(Deferred.fromCoroutine(upkeep.verify(storage)))
+    assert checked == (1, [])
+    assert result(Deferred.fromCoroutine(upkeep.gc(storage))) == 0

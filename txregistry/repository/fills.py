@@ -1,0 +1,174 @@
+"""
+The blob downloads in progress: one per digest, shared by every request
+for it, and committed to storage once verified.
+
+Concurrent requests for the same uncached blob share one upstream GET (a
+L{SingleFlight} of starts) and then one L{BlobFill}, which each follows at
+its own pace.  A fill is handed out only while it is listed here: we hold a
+reference, so what it staged is still readable.  Once it is committed (or
+has failed) it is listed no more, and new requests go to storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txregistry.config import CacheConfig
+from txregistry.oci.reference import Digest
+from txregistry.repository.fill import BlobFill, FillAbandoned, FillPolicy, Resumer
+from txregistry.repository.interface import BlobFilling, Route
+from txregistry.repository.singleflight import SingleFlight
+from txregistry.storage.interface import IStorage
+from txregistry.upstream.bodies import TimedOut, within
+from txregistry.upstream.client import UpstreamResponse
+
+
+class BlobFills:
+    """
+    The fills in progress, by digest.
+
+    @ivar followers: requests that followed a fill another request started.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        storage: IStorage,
+        clock: IReactorTime,
+        config: CacheConfig,
+        on_data: Callable[[int], None],
+    ) -> None:
+        self._storage = storage
+        self._clock = clock
+        self._config = config
+        self._on_data = on_data
+        self._fills: dict[Digest, BlobFill] = {}
+        self._starts: SingleFlight[Digest, BlobFill | None] = SingleFlight()
+        self.followers = 0
+
+    def __len__(self) -> int:
+        return len(self._fills)
+
+    @property
+    def joins(self) -> int:
+        """Requests that shared another's upstream request or download."""
+        return self._starts.joins + self.followers
+
+    def follow(self, digest: Digest, joining: bool = False) -> BlobFilling | None:
+        """
+        Follow a download of C{digest} in progress.  C{joining} says the
+        request is not the one that started it.
+        """
+        fill = self._fills.get(digest)
+        if fill is None:
+            return None
+        if joining:
+            self.followers += 1
+        return BlobFilling(fill.acquire())
+
+    def start_once(
+        self, digest: Digest, start: Callable[[], Awaitable[BlobFill | None]]
+    ) -> Deferred[BlobFill | None]:
+        """Run C{start} for C{digest}, or join the start already under way."""
+        return self._starts.run(digest, start)
+
+    def start(self, route: Route, response: UpstreamResponse, resume: Resumer) -> BlobFill | None:
+        """
+        Start filling storage from a blob response, or return L{None} if
+        the blob cannot be stored and must be streamed through instead.
+        """
+        digest = route.digest
+        size = response.content_length
+        if not self._storage.can_stage(size):
+            return None
+        try:
+            staged = self._storage.stage_blob(digest)
+        except OSError:
+            return None
+        upstream = route.registry.upstream
+        policy = FillPolicy(
+            resume_attempts=upstream.resume_attempts,
+            body_timeout=upstream.body_timeout,
+            fill_without_clients=self._config.fill_after_disconnect,
+        )
+        fill = BlobFill(
+            digest,
+            size,
+            staged,
+            response.mirror,
+            self._clock,
+            policy,
+            resume=resume,
+            on_relay=self._relaying,
+            on_data=self._on_data,
+        )
+        self._fills[digest] = fill
+        self.log.info(
+            "fetching blob {what} ({size} bytes) from {mirror}",
+            what=route.describe(),
+            size="?" if size is None else size,
+            mirror=response.mirror,
+        )
+        fill.verified.addCallbacks(
+            self._commit, self._done_with, callbackArgs=(fill,), errbackArgs=(fill,)
+        )
+        fill.start(response)
+        return fill
+
+    def _relaying(self, fill: BlobFill, problem: str) -> None:
+        """A fill could not write what it staged: report it, and hand it out no more."""
+        self._storage.report_problem(problem)
+        self._done_with(None, fill)
+
+    def _commit(self, size: int, fill: BlobFill) -> None:
+        if not fill.cacheable:
+            self._done_with(None, fill)
+            return
+        fill.commit().addCallback(self._done_with, fill)
+
+    def _done_with(self, _: object, fill: BlobFill) -> None:
+        """Stop handing out a fill: new requests go to storage."""
+        if self._fills.get(fill.digest) is fill:
+            del self._fills[fill.digest]
+            fill.release()
+            fill.settled.callback(None)
+
+    async def drain(self, timeout: float) -> None:
+        """
+        Wait, up to C{timeout} seconds, for the downloads in progress to
+        finish and be stored; then drop the rest.  For a graceful stop.
+        """
+        fills = list(self._fills.values())
+        if not fills:
+            return
+        self.log.info(
+            "waiting up to {timeout}s for {count} downloads in progress",
+            timeout=timeout,
+            count=len(fills),
+        )
+        # Wait on observers: cancelling a DeferredList cancels what is in it,
+        # and the fills' own "settled" are for their owner to fire.
+        try:
+            await within(timeout, self._clock, DeferredList([_observe(f.settled) for f in fills]))
+        except TimedOut:
+            for fill in fills:
+                fill.fail(Failure(FillAbandoned("txregistry is stopping")))
+
+
+def _observe(fired: Deferred[None]) -> Deferred[None]:
+    """A Deferred that fires when C{fired} does, and can be cancelled alone."""
+    observer: Deferred[None] = Deferred()
+
+    def tell(result: object) -> object:
+        if not observer.called:
+            observer.callback(None)
+        return result
+
+    fired.addBoth(tell)
+    return observer
