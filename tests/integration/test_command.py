@@ -3,11 +3,11 @@ The txregistry command with real parts: doctor against real registries,
 prefetch through a real twistd, and the cache commands on its cache.
 """
 
+import hashlib
 import io
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -18,7 +18,8 @@ from twisted.internet import reactor
 
 from txregistry.cli.doctor import doctor
 from txregistry.config import CacheConfig, Config, MirrorConfig, RegistryConfig
-from txregistry.storage.disk import CacheStore
+from txregistry.storage.disk import DiskStorage
+from txregistry.storage.runner import run_inline
 
 pytestmark = pytest.mark.integration
 
@@ -122,14 +123,16 @@ def test_prefetch_warms_the_cache_and_the_cache_commands_see_it(tmp_path, upstre
         process.stop()
 
     # Corrupt one blob on disk, keeping its size: verify finds and drops it.
-    store = CacheStore(tmp_path / "cache", 1 << 30, None)
-    store.open(exclusive=False)
-    blobs = [key for key in store._cache.iterkeys() if key.startswith("blob/")]
-    victim_key = blobs[0]
-    file = store._cache.get(victim_key, read=True)
-    path = Path(file.name)
-    file.close()
-    store.close()
+    files = {
+        f"blob/sha256:{hashlib.sha256(path.read_bytes()).hexdigest()}": path
+        for path in (tmp_path / "cache" / "store").rglob("*.val")
+    }
+    storage = DiskStorage(tmp_path / "cache", 1 << 30, run_inline)
+    storage.open(exclusive=False)
+    stored = {f"blob/{name}" for name in storage.entries("blob").result}
+    storage.close()
+    victim_key = min(stored & set(files))
+    path = files[victim_key]
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
