@@ -139,6 +139,21 @@ class Bench:
             raise RuntimeError(f"{url}: got {fetched.size} bytes of {blob.size}")
         return fetched
 
+    def _warm_up(self, url: str, blob: Blob, attempts: int = 20) -> None:
+        """
+        Fetch once, untimed, so that every cache holds the blob.  The peer
+        answers 500 ("invalid checksum digest format") while it is still
+        storing a blob it proxied a moment ago, so this tries again, a
+        bounded number of times.
+        """
+        for attempt in range(attempts):
+            try:
+                self._fetch(url, blob)
+                return
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+
     def _nginx_path(self, blob: Blob) -> str:
         return "/" + str(self.upstream.blob_path(blob.digest).relative_to(self.upstream.storage))
 
@@ -185,7 +200,7 @@ class Bench:
         blob = self.warm_blob or self._blob(self.sizes.blob)
         urls = self._warm_urls(blob)
         for _, url in urls:
-            self._fetch(url, blob)  # every cache holds it before timing starts
+            self._warm_up(url, blob)
         for _ in range(self.sizes.runs):
             for name, url in urls:
                 seconds = self._fetch(url, blob).seconds
