@@ -260,7 +260,6 @@ class Config:
     cache: CacheConfig
     registries: tuple[RegistryConfig, ...]
     server: ServerConfig = field(default_factory=ServerConfig)
-    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str | None = None
 

@@ -383,7 +383,6 @@ def parse_config(
         server=server,
         cache=cache,
         registries=registries,
-        upstream=upstream,
         log=log,
         source=source,
     )

@@ -68,10 +68,6 @@ class RegistryError(Exception):
         return cls(404, "MANIFEST_UNKNOWN", message)
 
     @classmethod
-    def blob_unknown(cls, message: str) -> RegistryError:
-        return cls(404, "BLOB_UNKNOWN", message)
-
-    @classmethod
     def unsupported(cls, message: str, status: int = 405) -> RegistryError:
         return cls(status, "UNSUPPORTED", message)
 

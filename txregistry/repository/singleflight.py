@@ -29,9 +29,6 @@ class SingleFlight(Generic[K, V]):
         self._waiting: dict[K, list[Deferred[V]]] = {}
         self.joins = 0
 
-    def in_flight(self, key: K) -> bool:
-        return key in self._waiting
-
     def run(self, key: K, work: Callable[[], Awaitable[V]]) -> Deferred[V]:
         """Run C{work()} for C{key}, or join the run already in flight."""
         result: Deferred[V] = Deferred()
