@@ -34,7 +34,7 @@ setup(
         # X509 and PKey are deprecated).
         "cryptography>=42",
     ],
-    entry_points={"console_scripts": ["txregistry = txregistry.cli:main"]},
+    entry_points={"console_scripts": ["txregistry = txregistry.cli.main:main"]},
     extras_require={
         "test": [
             "pytest>=8",

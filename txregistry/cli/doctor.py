@@ -122,7 +122,7 @@ async def check_mirror(
             report.checks[name] = Check(None, "-")
         return report
 
-    tls = MirrorTLSPolicy({m.host for m in registry.mirrors}, registry.ca_file, registry.insecure)
+    tls = MirrorTLSPolicy.for_registry(registry)
     endpoints = UpstreamEndpoints(
         reactor, resolver, registry.address_family, timeout, tls, upstream.proxy
     )

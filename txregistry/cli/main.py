@@ -63,9 +63,7 @@ def check_config(path: str, out: IO[str]) -> int:
                     raise ConfigError(f"{key}[{i}]", e.problem) from None
         for i, registry in enumerate(config.registries):
             try:
-                MirrorTLSPolicy(
-                    {m.host for m in registry.mirrors}, registry.ca_file, registry.insecure
-                )
+                MirrorTLSPolicy.for_registry(registry)
             except ConfigError as e:
                 raise ConfigError(f"registry[{i}].ca_file", e.problem) from None
     except ConfigError as e:

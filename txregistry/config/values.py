@@ -12,14 +12,12 @@ from collections.abc import Mapping
 from urllib.parse import unquote, urlsplit
 
 from txregistry.config.model import ConfigError, ProxyConfig, ProxyServer, Secret
+from txregistry.oci.reference import HOST_RE
 
 _SIZE_UNITS = {"": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_HOST_RE = re.compile(
-    r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::\d{1,5})?"
-)
 
 
 def parse_size(text: object) -> int:
@@ -65,7 +63,7 @@ def normalize_registry_name(text: str) -> str:
     if "://" in name:
         name = urlsplit(name).netloc
     name = name.split("/", 1)[0]
-    if not name or _HOST_RE.fullmatch(name) is None:
+    if not name or HOST_RE.fullmatch(name) is None:
         raise ValueError(f"{text!r} is not a registry host name")
     return name
 

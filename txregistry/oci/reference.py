@@ -110,7 +110,8 @@ def validate_name(name: str) -> str:
     return name
 
 
-_HOST_RE = re.compile(
+# A registry host name with an optional port (distribution's reference.domainAndPort).
+HOST_RE = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::\d{1,5})?"
 )
 
@@ -122,5 +123,5 @@ def looks_like_registry_host(component: str) -> bool:
     ``localhost:5000/img`` (distribution ``reference.splitDockerDomain``),
     for components that are host names at all (``..`` is not).
     """
-    is_host = _HOST_RE.fullmatch(component) is not None
+    is_host = HOST_RE.fullmatch(component) is not None
     return is_host and ("." in component or ":" in component or component == "localhost")

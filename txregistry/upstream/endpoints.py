@@ -319,6 +319,13 @@ class MirrorTLSPolicy:
         self._insecure = insecure
         self._trust = load_ca_file(ca_file) if ca_file is not None else None
 
+    @classmethod
+    def for_registry(cls, registry: RegistryConfig) -> MirrorTLSPolicy:
+        """
+        @raise ConfigError: C{ca_file} holds no certificate.
+        """
+        return cls({m.host for m in registry.mirrors}, registry.ca_file, registry.insecure)
+
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         host = hostname.decode("ascii")
         extra = {"raiseMinimumTo": _MINIMUM_TLS}
@@ -451,7 +458,7 @@ def upstream_agent(
 
 def registry_agent(reactor: Any, resolver: IHostnameResolver, registry: RegistryConfig) -> IAgent:
     """The agent for one registry's upstream requests, by its settings."""
-    tls = MirrorTLSPolicy({m.host for m in registry.mirrors}, registry.ca_file, registry.insecure)
+    tls = MirrorTLSPolicy.for_registry(registry)
     upstream = registry.upstream
     return upstream_agent(
         reactor, resolver, registry.address_family, upstream.connect_timeout, tls, upstream.proxy
