@@ -313,6 +313,16 @@ def _log_registry(log: Logger, registry: RegistryConfig) -> None:
             user=registry.credentials.username,
             source=registry.credentials.source,
         )
+    for mirror in registry.mirrors:
+        if mirror.credentials is not None:
+            log.info(
+                "using credentials for registry {name} mirror {mirror}"
+                " (user: {user}, password from {source})",
+                name=registry.name,
+                mirror=mirror.url,
+                user=mirror.credentials.username,
+                source=mirror.credentials.source,
+            )
     if registry.insecure:
         log.warn(
             "registry {name}: TLS certificates of its mirrors are NOT verified (insecure = true)",

@@ -174,24 +174,37 @@ def login_token_upstream(tmp_path_factory, skopeo) -> Iterator[Upstream]:
         token_server.stop()
 
 
-@pytest.fixture(scope="session")
-def htpasswd_upstream(tmp_path_factory, skopeo) -> Iterator[Upstream]:
-    """A registry with htpasswd (Basic) auth for USER and PASSWORD."""
-    directory = tmp_path_factory.mktemp("htpasswd-upstream")
+def htpasswd_registry(
+    directory: Path, skopeo: Skopeo, user: str, password: str, names: tuple[str, ...]
+) -> Upstream:
+    """A registry with htpasswd (Basic) auth for one user, holding the images C{names}."""
+    directory.mkdir(parents=True, exist_ok=True)
     htpasswd = directory / "htpasswd"
     done = subprocess.run(
-        ["htpasswd", "-Bbn", USER, PASSWORD], capture_output=True, text=True, check=True
+        ["htpasswd", "-Bbn", user, password], capture_output=True, text=True, check=True
     )
     htpasswd.write_text(done.stdout)
     registry = DistributionRegistry(
         directory, auth={"htpasswd": {"realm": "test", "path": str(htpasswd)}}
     ).start()
     try:
-        creds = ("--dest-creds", f"{USER}:{PASSWORD}")
-        images = push_images(skopeo, directory / "layouts", registry, *creds, names=("small",))
-        yield Upstream(registry, images)
-    finally:
+        creds = ("--dest-creds", f"{user}:{password}")
+        images = push_images(skopeo, directory / "layouts", registry, *creds, names=names)
+    except BaseException:
         registry.stop()
+        raise
+    return Upstream(registry, images)
+
+
+@pytest.fixture(scope="session")
+def htpasswd_upstream(tmp_path_factory, skopeo) -> Iterator[Upstream]:
+    """A registry with htpasswd (Basic) auth for USER and PASSWORD."""
+    directory = tmp_path_factory.mktemp("htpasswd-upstream")
+    upstream = htpasswd_registry(directory, skopeo, USER, PASSWORD, ("small",))
+    try:
+        yield upstream
+    finally:
+        upstream.registry.stop()
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import re
 import pytest
 import pytest_twisted
 import treq
-from conftest import PASSWORD, USER, password_file, push_images
+from conftest import PASSWORD, USER, htpasswd_registry, password_file, push_images
 from harness.network import RecordingReactor, TableResolver
 from harness.registry import DistributionRegistry, hub
 from harness.skopeo import check_pulled
@@ -25,6 +25,7 @@ from txregistry.config import (
     RegistryConfig,
     Secret,
     UpstreamConfig,
+    parse_config,
 )
 
 pytestmark = pytest.mark.integration
@@ -131,6 +132,70 @@ async def test_htpasswd_registry_gets_basic_auth(
     response = await treq.get(f"{anonymous.url}/v2/private.example/library/small/manifests/v1")
     assert response.code == 401
     assert (await response.json())["errors"][0]["code"] == "UNAUTHORIZED"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_docker_io_registry_pulls_from_basic_auth_mirrors_with_their_own_credentials(
+    htpasswd_upstream, start_txregistry, skopeo, tmp_path, logs
+):
+    # A company registry (Basic auth, user ci) first, holding one image; a
+    # second Basic-auth registry with another user holding another.  The
+    # registry is named docker.io, as when a company mirrors Docker Hub.
+    company_password = "c0mpany-Passw0rd"
+    company = htpasswd_registry(tmp_path / "company", skopeo, "ci", company_password, ("docker",))
+    try:
+        company_file = password_file(tmp_path / "company", company_password)
+        config = parse_config(
+            {
+                "cache": {"directory": str(tmp_path / "unused")},
+                "registry": [
+                    {
+                        "name": "docker.io",
+                        "mirrors": [
+                            {
+                                "url": company.url,
+                                "username": "ci",
+                                "password_file": str(company_file),
+                            },
+                            {
+                                "url": htpasswd_upstream.url,
+                                "username": USER,
+                                "password_env": "SECOND_PASSWORD",
+                            },
+                        ],
+                    }
+                ],
+            },
+            environ={"SECOND_PASSWORD": PASSWORD},
+        )
+        company_mark, second_mark = company.registry.mark(), htpasswd_upstream.registry.mark()
+        tx = start_txregistry(*config.registries)
+
+        docker = company.images["docker"]
+        check_pulled(await skopeo.pull(f"{tx.host}/docker:v1", tmp_path / "a"), docker.digest)
+        small = htpasswd_upstream.images["small"]
+        check_pulled(await skopeo.pull(f"{tx.host}/small:v1", tmp_path / "b"), small.digest)
+
+        def answered(registry, mark, image):
+            return [
+                (a.method, a.status)
+                for a in registry.accesses(mark)
+                if a.path == f"/v2/library/{image}/manifests/v1"
+            ]
+
+        # Each answered with 200 only after its own login: a 401, then 200.
+        assert answered(company.registry, company_mark, "docker") == [("GET", 401), ("GET", 200)]
+        assert ("GET", 200) in answered(htpasswd_upstream.registry, second_mark, "small")
+        # The company mirror was asked for small too, logged in, and said 404.
+        assert ("GET", 404) in answered(company.registry, company_mark, "small")
+        assert logs.matching(
+            f"using credentials for registry docker.io mirror {company.url} (user: ci,"
+        )
+        mirrors = (await health(tx))["registries"]["docker.io"]["mirrors"]
+        assert [m.get("user") for m in mirrors] == ["ci", USER]
+        assert company_password not in logs.text() and PASSWORD not in logs.text()
+    finally:
+        company.registry.stop()
 
 
 @pytest_twisted.ensureDeferred

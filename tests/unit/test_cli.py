@@ -1,8 +1,11 @@
 """The command line's pure parts: references, servers, doctor's conclusions."""
 
+import io
+
 import pytest
 
 from txregistry.cli.doctor import Check, MirrorReport, conclude, render
+from txregistry.cli.main import check_config
 from txregistry.cli.prefetch import ImageRef, PrefetchError, parse_image_ref, server_from_listen
 from txregistry.config import MirrorConfig, RegistryConfig
 
@@ -120,3 +123,27 @@ def test_table_has_a_row_per_mirror_and_the_conclusion():
     assert lines[0] == "registry docker.io"
     assert "IPv6 connect" in lines[1] and "FAIL failed" in lines[2]
     assert lines[-1] == "  conclusion: the conclusion"
+
+
+def test_config_check_names_each_mirrors_user_and_no_password(tmp_path, capsys):
+    password = tmp_path / "company.password"
+    password.write_text("c0mpany-secret\n")
+    password.chmod(0o600)
+    config = tmp_path / "txregistry.toml"
+    config.write_text(
+        "[server]\nadmin_listen = []\n"
+        f'[cache]\ndirectory = "{tmp_path / "cache"}"\n'
+        '[[registry]]\nname = "docker.io"\nmirrors = [\n'
+        '  { url = "https://artifactory.example", username = "ci",'
+        f' password_file = "{password}" }},\n'
+        '  { url = "https://mirror.example", resolve_tags = false },\n'
+        "]\n"
+    )
+    out = io.StringIO()
+    assert check_config(str(config), out) == 0, capsys.readouterr().err
+    text = out.getvalue()
+    assert (
+        "registry docker.io (default): https://artifactory.example (user ci),"
+        " https://mirror.example (digest-only)"
+    ) in text
+    assert "c0mpany-secret" not in text

@@ -147,7 +147,7 @@ def test_shipped_failover_list():
         ('[[registry]]\nmirrors = ["https://x.io"]', "registry[0].name: is required"),
         (
             '[[registry]]\nname = "x.io"\nmirrors = ["ftp://x.io"]',
-            "registry[0].mirrors: 'ftp://x.io' must start with https://",
+            "registry[0].mirrors[0]: 'ftp://x.io' must start with https://",
         ),
         ('[[registry]]\nname = "x.io"\nmirrors = ["https://x.io/v2/proxy"]', "with no path"),
         (
@@ -299,13 +299,14 @@ def test_mirror_tables_and_digest_only_mirrors(tmp_path):
             '[{ url = "https://b.example", resolve_tags = false }]',
             "at least one mirror that can resolve tags",
         ),
-        ('[{ url = "https://b.example", trusted = 1 }]', "entry 0: trusted: unknown key"),
+        ('[{ url = "https://b.example", trusted = 1 }]', "mirrors[0].trusted: unknown key"),
         (
-            '[{ url = "https://b.example", resolve_tags = "no" }]',
-            "entry 0: resolve_tags: expected true or false",
+            '["https://a.example", { url = "https://b.example", resolve_tags = "no" }]',
+            "mirrors[1].resolve_tags: expected true or false",
         ),
-        ("[{ resolve_tags = true }]", "entry 0 needs a url"),
-        ("[5]", "entry 0: expected a URL or a table"),
+        ("[{ resolve_tags = true }]", "mirrors[0].url: is required"),
+        ("[5]", "mirrors[0]: expected a URL or a table"),
+        ('"https://a.example"', "mirrors: expected a list of URLs or tables"),
     ],
 )
 def test_bad_mirror_entries(tmp_path, mirrors, message):
@@ -404,6 +405,86 @@ def test_password_file_readable_by_others_is_refused(tmp_path):
 )
 def test_incomplete_credentials(tmp_path, keys, message):
     assert message in config_error(tmp_path, HUB + keys)
+
+
+def test_each_mirror_can_have_its_own_credentials(tmp_path):
+    path = password_file(tmp_path)
+    environ = {"TOKEN": "dckr_pat_xyz"}
+    registry = registry_of(
+        tmp_path,
+        f"""
+        [[registry]]
+        name = "docker.io"
+        mirrors = [
+            {{ url = "https://artifactory.example", username = "ci", password_file = "{path}" }},
+            {{ url = "https://registry-1.docker.io", username = "bob", password_env = "TOKEN" }},
+            "https://plain.example",
+        ]
+        """,
+        environ,
+    )
+    company, hub, plain = registry.mirrors
+    assert company == MirrorConfig(
+        "https://artifactory.example",
+        credentials=Credentials("ci", Secret("s3cret-password"), str(path)),
+    )
+    assert hub.credentials == Credentials("bob", Secret("dckr_pat_xyz"), "$TOKEN")
+    assert (registry.credentials, plain.credentials) == (None, None)
+    assert [registry.credentials_for(m) for m in registry.mirrors] == [
+        company.credentials,
+        hub.credentials,
+        None,
+    ]
+
+
+def test_a_mirrors_own_credentials_win_over_the_registrys_and_reach_it_even_digest_only():
+    alice = Credentials("alice", Secret("a"), "test")
+    ci = Credentials("ci", Secret("c"), "test")
+    own = MirrorConfig("https://company.example", resolve_tags=False, credentials=ci)
+    third_party = MirrorConfig("https://mirror.example", resolve_tags=False)
+    hub = MirrorConfig("https://registry-1.docker.io")
+    registry = RegistryConfig("docker.io", (hub, own, third_party), credentials=alice)
+    assert registry.credentials_for(hub) == alice
+    assert registry.credentials_for(own) == ci
+    assert registry.credentials_for(third_party) is None
+
+
+def test_mirror_hosts_of_docker_hub_are_known_by_host_not_by_registry_name():
+    hub_hosts = ["https://registry-1.docker.io", "https://index.docker.io", "https://docker.io"]
+    assert all(MirrorConfig(url).is_docker_hub for url in hub_hosts)
+    assert not MirrorConfig("https://artifactory.example").is_docker_hub
+    assert not MirrorConfig("https://docker.io.example").is_docker_hub
+
+
+def test_a_mirrors_password_file_follows_the_registrys_rules(tmp_path):
+    path = password_file(tmp_path, mode=0o640)
+    error = config_error(
+        tmp_path,
+        f"""
+        [[registry]]
+        name = "docker.io"
+        mirrors = [
+            "https://registry-1.docker.io",
+            {{ url = "https://company.example", username = "ci", password_file = "{path}" }},
+        ]
+        """,
+    )
+    assert "registry[0].mirrors[1].password_file" in error
+    assert "readable by its group or by other users (mode 0640): chmod 600 it" in error
+    assert "s3cret" not in error
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ('username = "ci"', "mirrors[0].password_file: a username needs password_file"),
+        ('password_env = "X"', "mirrors[0].username: is required with a password"),
+        ('username = "ci", password_env = "UNSET"', "mirrors[0].password_env: $UNSET is not set"),
+    ],
+)
+def test_incomplete_mirror_credentials(tmp_path, keys, message):
+    mirrors = f'[{{ url = "https://company.example", {keys} }}]'
+    assert message in config_error(tmp_path, f'[[registry]]\nname = "x.io"\nmirrors = {mirrors}\n')
 
 
 def test_secrets_never_show_in_the_config_repr(tmp_path):

@@ -182,3 +182,119 @@ def test_stalled_token_service_times_out(tmp_path):
         "token service https://auth.docker.test/token sent no answer within 30s"
         in response.body.decode()
     )
+
+
+# Credentials per mirror.  The field failure: a registry named docker.io
+# whose first mirror was a company's Artifactory, challenging with Basic,
+# got 401, because every mirror of docker.io was treated as Docker Hub.
+
+CI_PASSWORD = "c0mpany-Passw0rd"
+CI = Credentials("ci", Secret(CI_PASSWORD), "/etc/txregistry/company.password")
+BASIC_CI = "Basic " + base64.b64encode(f"ci:{CI_PASSWORD}".encode()).decode()
+
+
+def test_a_company_mirror_of_docker_io_gets_basic_auth_with_its_own_credentials(tmp_path):
+    company = FakeRegistry(require_basic=f"ci:{CI_PASSWORD}")
+    company.add_manifest("library/alpine", "3.20", MANIFEST)
+    tx = hub_with_credentials(
+        tmp_path,
+        mirrors=(
+            MirrorConfig("https://artifactory.example", credentials=CI),
+            MirrorConfig("https://registry-1.docker.io"),
+        ),
+        **{"artifactory.example": company},
+    )
+    assert tx.get("/v2/alpine/manifests/3.20").status == 200
+    assert tx.get("/v2/alpine/manifests/3.20", {"Accept": "other/type"}).status == 200
+    # Asked once; from then on sent from the start; never the registry's.
+    assert authorizations(tx, "artifactory.example") == [None, BASIC_CI, BASIC_CI]
+    assert tx.agent.to("registry-1.docker.io") == []
+
+
+def test_a_registrys_own_credentials_go_as_basic_to_a_mirror_that_is_not_docker_hub(tmp_path):
+    company = FakeRegistry(require_basic=f"alice:{PASSWORD}")
+    company.add_manifest("library/alpine", "3.20", MANIFEST)
+    tx = hub_with_credentials(
+        tmp_path,
+        mirrors=(MirrorConfig("https://nexus.example"),),
+        **{"nexus.example": company},
+    )
+    assert tx.get("/v2/alpine/manifests/3.20").status == 200
+    assert authorizations(tx, "nexus.example") == [None, BASIC]
+
+
+def test_two_mirrors_pull_with_two_sets_of_credentials(tmp_path):
+    company = FakeRegistry(require_basic=f"ci:{CI_PASSWORD}")
+    hub = FakeRegistry(
+        require_token=True,
+        realm="https://auth.docker.test/token",
+        token_credentials=f"alice:{PASSWORD}",
+    )
+    hub.add_manifest("library/alpine", "3.20", MANIFEST)
+    tx = hub_with_credentials(
+        tmp_path,
+        mirrors=(
+            MirrorConfig("https://artifactory.example", credentials=CI),
+            MirrorConfig("https://registry-1.docker.io"),
+        ),
+        **{"artifactory.example": company, "registry-1.docker.io": hub, "auth.docker.test": hub},
+    )
+    # The company mirror lacks it (404 after the login), so Docker Hub is
+    # asked, with the registry's credentials at its token service.
+    assert tx.get("/v2/alpine/manifests/3.20").status == 200
+    assert authorizations(tx, "artifactory.example") == [None, BASIC_CI]
+    assert authorizations(tx, "auth.docker.test") == [BASIC]
+    assert authorizations(tx, "registry-1.docker.io") == [None, "Bearer token-0"]
+
+
+def test_docker_hubs_hosts_never_get_basic_whatever_the_registry_is_called(tmp_path):
+    hub = FakeRegistry(require_basic=f"ci:{CI_PASSWORD}")
+    registry = RegistryConfig(
+        "hub.internal.example",
+        (MirrorConfig("https://registry-1.docker.io", credentials=CI),),
+        credentials=ALICE,
+    )
+    tx = MemoryRegistry(tmp_path, registries=[registry], hosts={"registry-1.docker.io": hub})
+    response = tx.get("/v2/hub.internal.example/library/alpine/manifests/3.20")
+    assert response.status == 401
+    assert authorizations(tx, "registry-1.docker.io") == [None]
+
+
+def test_mirrors_sharing_a_token_service_never_share_a_token(tmp_path):
+    issued: list[str] = []
+    realm = "https://auth.shared.test/token"
+    first = FakeRegistry(require_token=True, realm=realm, tokens_issued=issued)
+    second = FakeRegistry(require_token=True, realm=realm, tokens_issued=issued)
+    second.add_manifest("library/alpine", "3.20", MANIFEST)
+    service = FakeRegistry(tokens_issued=issued)
+    tx = hub_with_credentials(
+        tmp_path,
+        mirrors=(
+            MirrorConfig("https://first.example", credentials=CI),
+            MirrorConfig("https://second.example"),
+        ),
+        **{"first.example": first, "second.example": second, "auth.shared.test": service},
+    )
+    assert tx.get("/v2/alpine/manifests/3.20").status == 200
+    assert authorizations(tx, "auth.shared.test") == [BASIC_CI, BASIC]
+    assert authorizations(tx, "first.example") == [None, "Bearer token-0"]
+    assert authorizations(tx, "second.example") == [None, "Bearer token-1"]
+
+
+def test_a_mirrors_user_shows_in_health_and_its_password_nowhere(tmp_path, logs):
+    company = FakeRegistry(require_basic="ci:wrong")
+    tx = hub_with_credentials(
+        tmp_path,
+        mirrors=(MirrorConfig("https://artifactory.example", credentials=CI),),
+        **{"artifactory.example": company},
+    )
+    failure = tx.get("/v2/alpine/manifests/3.20")
+    assert failure.status == 401
+    health = tx.upstreams["docker.io"].describe()
+    assert health["user"] == "alice"
+    assert health["mirrors"][0]["user"] == "ci"
+    everything = (
+        logs.text() + failure.body.decode() + json.dumps(health) + tx.metrics.render().decode()
+    )
+    assert CI_PASSWORD not in everything and PASSWORD not in everything
+    assert base64.b64encode(f"ci:{CI_PASSWORD}".encode()).decode() not in everything

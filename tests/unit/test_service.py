@@ -72,6 +72,30 @@ def test_startup_says_how_each_registry_is_reached_without_secrets(tmp_path, log
     assert "listening on tcp:5050" in text and "listening on tcp:5443" in text
 
 
+def test_startup_names_the_mirror_whose_own_credentials_are_used(tmp_path, logs):
+    company = Credentials("ci", Secret("c0mpany"), "/etc/txregistry/company.password")
+    registry = RegistryConfig(
+        "docker.io",
+        (
+            MirrorConfig("https://artifactory.example", credentials=company),
+            MirrorConfig("https://registry-1.docker.io"),
+        ),
+        default=True,
+        credentials=Credentials("alice", Secret("hunter2"), "$HUB_TOKEN"),
+    )
+    service_for(tmp_path, registry).privilegedStartService()
+    text = logs.text()
+    assert (
+        "using credentials for registry docker.io mirror https://artifactory.example"
+        " (user: ci, password from /etc/txregistry/company.password)"
+    ) in text
+    assert (
+        "using credentials for registry docker.io (user: alice, password from $HUB_TOKEN)" in text
+    )
+    assert "mirror https://registry-1.docker.io (user" not in text
+    assert "c0mpany" not in text and "hunter2" not in text
+
+
 def test_health_reports_a_degraded_cache(tmp_path):
     service = service_for(
         tmp_path, RegistryConfig("docker.io", (MirrorConfig("https://r.example"),))

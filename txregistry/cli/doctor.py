@@ -176,7 +176,7 @@ async def _v2_and_token(
     if key is None:
         report.checks["token"] = Check(False, "unusable realm")
         return
-    fetcher = TokenFetcher(agent, reactor, registry.name, None, timeout)
+    fetcher = TokenFetcher(agent, reactor, registry.name, timeout)
     try:
         await fetcher.token(key)
         report.checks["token"] = Check(True, "anonymous ok")

@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from txregistry import __version__
-from txregistry.config import Config, ConfigError, default_config, load_config
+from txregistry.config import Config, ConfigError, MirrorConfig, default_config, load_config
 from txregistry.ops.listen import server_endpoint
 from txregistry.storage import upkeep
 from txregistry.storage.disk import DiskStorage
@@ -75,9 +75,7 @@ def check_config(path: str, out: IO[str]) -> int:
         print(f"  admin: {', '.join(config.server.admin_listen)}", file=out)
     print(f"  cache: {config.cache.directory}, up to {config.cache.size_limit} bytes", file=out)
     for registry in config.registries:
-        mirrors = ", ".join(
-            m.url + ("" if m.resolve_tags else " (digest-only)") for m in registry.mirrors
-        )
+        mirrors = ", ".join(_describe_mirror(m) for m in registry.mirrors)
         extras = []
         if registry.default:
             extras.append("default")
@@ -88,6 +86,13 @@ def check_config(path: str, out: IO[str]) -> int:
         suffix = f" ({', '.join(extras)})" if extras else ""
         print(f"  registry {registry.name}{suffix}: {mirrors}", file=out)
     return 0
+
+
+def _describe_mirror(mirror: MirrorConfig) -> str:
+    notes = [] if mirror.resolve_tags else ["digest-only"]
+    if mirror.credentials is not None:
+        notes.append(f"user {mirror.credentials.username}")
+    return mirror.url + (f" ({', '.join(notes)})" if notes else "")
 
 
 def cache_command(action: str, config: Config, out: IO[str]) -> int:

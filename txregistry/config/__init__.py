@@ -11,6 +11,7 @@ from txregistry.config.defaults import builtin_registries, default_cache_directo
 from txregistry.config.model import (
     ADDRESS_FAMILIES,
     DOCKER_HUB_NAMES,
+    DOCKER_HUB_REGISTRY_HOSTS,
     LOG_FORMATS,
     CacheConfig,
     Config,
@@ -36,6 +37,7 @@ from txregistry.config.values import (
 __all__ = [
     "ADDRESS_FAMILIES",
     "DOCKER_HUB_NAMES",
+    "DOCKER_HUB_REGISTRY_HOSTS",
     "LOG_FORMATS",
     "CacheConfig",
     "Config",

@@ -11,6 +11,15 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 DOCKER_HUB_NAMES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+# The hosts that serve Docker Hub's registry API, which accepts only Bearer
+# tokens from its token service (auth.docker.io).  Basic auth is never sent
+# to them, whatever registry they are a mirror of.  registry-1.docker.io is
+# the API's host (moby's DefaultRegistryHost, where containers/image sends
+# docker.io); index.docker.io and registry.hub.docker.com are older names
+# of Docker Hub's hosts, and docker.io the name clients use.
+DOCKER_HUB_REGISTRY_HOSTS = frozenset(
+    {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
+)
 
 
 class ConfigError(Exception):
@@ -195,14 +204,24 @@ class MirrorConfig:
         that may not is asked only for content by digest, which txregistry
         verifies, so it cannot swap an image behind a tag.  Such a mirror is
         also never sent the registry's credentials.
+    @ivar credentials: this mirror's own user and password, used instead of
+        the registry's: a company's mirror of C{docker.io} has other
+        accounts than Docker Hub.  They are given for this mirror alone,
+        so they go to it even if it is digest-only.
     """
 
     url: str
     resolve_tags: bool = True
+    credentials: Credentials | None = None
 
     @property
     def host(self) -> str:
         return urlsplit(self.url).hostname or ""
+
+    @property
+    def is_docker_hub(self) -> bool:
+        """Whether this is Docker Hub's registry API, which must never get Basic auth."""
+        return self.host in DOCKER_HUB_REGISTRY_HOSTS
 
 
 @dataclass(frozen=True)
@@ -243,9 +262,21 @@ class RegistryConfig:
     def is_docker_hub(self) -> bool:
         """
         Docker Hub keeps official images under C{library/}, and clients
-        leave that out: C{alpine} means C{library/alpine}.
+        leave that out: C{alpine} means C{library/alpine}.  This is about
+        the names clients use; how a mirror is authenticated to is decided
+        by its own host (L{MirrorConfig.is_docker_hub}).
         """
         return not DOCKER_HUB_NAMES.isdisjoint(self.names)
+
+    def credentials_for(self, mirror: MirrorConfig) -> Credentials | None:
+        """
+        The credentials a mirror is sent: its own, or else the registry's,
+        which go only to mirrors that may resolve tags (a digest-only
+        mirror is typically a third party's).
+        """
+        if mirror.credentials is not None:
+            return mirror.credentials
+        return self.credentials if mirror.resolve_tags else None
 
 
 @dataclass(frozen=True)

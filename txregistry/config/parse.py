@@ -150,26 +150,37 @@ def _existing_file(value: Any) -> Path:
     return path
 
 
-def _mirrors(value: Any) -> tuple[MirrorConfig, ...]:
+def _list(value: Any) -> list[Any]:
     if not isinstance(value, list):
         raise ValueError(f"expected a list of URLs or tables, not {value!r}")
+    return value
+
+
+def _mirrors(table: _Table, environ: Mapping[str, str]) -> tuple[MirrorConfig, ...]:
+    """
+    A registry's C{mirrors}: URLs, or tables with C{url}, C{resolve_tags}
+    and the mirror's own credentials (the same keys as a registry's).
+    """
     mirrors = []
-    for i, item in enumerate(value):
+    items: list[Any] = table.get("mirrors", _list, [])
+    for i, item in enumerate(items):
+        where = f"{table.where('mirrors')}[{i}]"
         if isinstance(item, str):
-            mirrors.append(MirrorConfig(parse_mirror_url(item)))
+            try:
+                mirrors.append(MirrorConfig(parse_mirror_url(item)))
+            except ValueError as e:
+                raise ConfigError(where, str(e)) from None
             continue
         if not isinstance(item, dict):
-            raise ValueError(f"entry {i}: expected a URL or a table, not {item!r}")
-        try:
-            entry = _Table(item, "")
-            url = entry.get("url", lambda v: parse_mirror_url(_string(v)), "")
-            resolve_tags = entry.get("resolve_tags", _boolean, True)
-            entry.finish()
-        except ConfigError as e:
-            raise ValueError(f"entry {i}: {e.where}: {e.problem}") from None
+            raise ConfigError(where, f"expected a URL or a table, not {item!r}")
+        entry = _Table(item, where)
+        url = entry.get("url", lambda v: parse_mirror_url(_string(v)), "")
+        resolve_tags = entry.get("resolve_tags", _boolean, True)
+        credentials = _credentials(entry, environ)
+        entry.finish()
         if not url:
-            raise ValueError(f"entry {i} needs a url")
-        mirrors.append(MirrorConfig(url, resolve_tags))
+            raise ConfigError(entry.where("url"), "is required")
+        mirrors.append(MirrorConfig(url, resolve_tags, credentials))
     return tuple(mirrors)
 
 
@@ -200,8 +211,8 @@ def _upstream(table: _Table, defaults: UpstreamConfig) -> UpstreamConfig:
 
 def _credentials(table: _Table, environ: Mapping[str, str]) -> Credentials | None:
     """
-    A registry's user and password: C{username} or C{username_env}, with
-    C{password_file} or C{password_env}.
+    A registry's or a mirror's user and password: C{username} or
+    C{username_env}, with C{password_file} or C{password_env}.
     """
     username = table.get("username", _string, "")
     username_env = table.get("username_env", _string, "")
@@ -265,8 +276,7 @@ def _registry(
     aliases = table.get(
         "aliases", lambda v: tuple(normalize_registry_name(a) for a in _strings(v)), no_aliases
     )
-    no_mirrors: tuple[MirrorConfig, ...] = ()
-    mirrors = table.get("mirrors", _mirrors, no_mirrors)
+    mirrors = _mirrors(table, environ)
     if not mirrors:
         raise ConfigError(table.where("mirrors"), "needs at least one upstream URL")
     if not any(m.resolve_tags for m in mirrors):

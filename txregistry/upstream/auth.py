@@ -14,7 +14,9 @@ C{expires_in} runs out.
 Credentials go to the token service as Basic auth, never to the registry as
 a Bearer token's stand-in: Docker Hub's registry API accepts only Bearer
 tokens.  A registry that challenges with C{Basic} gets them directly, which
-L{txregistry.upstream.client} decides.
+L{txregistry.upstream.client} decides, by the mirror's host.  Which
+credentials (a mirror's own, or its registry's) is part of a token's key, so
+that two mirrors sharing a token service never share a token.
 """
 
 from __future__ import annotations
@@ -133,15 +135,15 @@ def pull_scope(repository: str) -> str:
 @dataclass(frozen=True)
 class TokenKey:
     """
-    What a token is for.  C{authenticated} tokens are fetched with the
-    registry's credentials; anonymous ones (for digest-only mirrors, or a
-    registry without credentials) without.
+    What a token is for, and whose it is: fetched with C{credentials} (a
+    mirror's, or its registry's), or anonymously when they are L{None}.
+    Their password is a L{txregistry.config.Secret}, so a key can be logged.
     """
 
     realm: str
     service: str
     scope: str
-    authenticated: bool = False
+    credentials: Credentials | None = None
 
 
 @dataclass
@@ -177,7 +179,9 @@ class TokenCache:
         self._tokens.pop(key, None)
 
 
-def token_key(challenge: Challenge, scope: str, authenticated: bool = False) -> TokenKey | None:
+def token_key(
+    challenge: Challenge, scope: str, credentials: Credentials | None = None
+) -> TokenKey | None:
     """
     The cache key for a Bearer challenge, or L{None} if the challenge has no
     usable realm.  The challenge's own scope wins over the one we guessed.
@@ -189,7 +193,7 @@ def token_key(challenge: Challenge, scope: str, authenticated: bool = False) -> 
         realm=realm,
         service=challenge.params.get("service", ""),
         scope=challenge.params.get("scope", scope),
-        authenticated=authenticated,
+        credentials=credentials,
     )
 
 
@@ -232,14 +236,12 @@ class TokenFetcher:
         agent: IAgent,
         clock: IReactorTime,
         registry: str,
-        credentials: Credentials | None = None,
         timeout: float = 30.0,
     ) -> None:
         self._agent = agent
         self._clock = clock
         self._cache = TokenCache(clock)
         self._registry = registry
-        self._credentials = credentials
         self._timeout = timeout
         self._fetches: SingleFlight[TokenKey, str] = SingleFlight()
 
@@ -256,9 +258,9 @@ class TokenFetcher:
     async def _fetch(self, key: TokenKey) -> str:
         headers = Headers({b"User-Agent": [b"txregistry"]})
         user = ""
-        if key.authenticated and self._credentials is not None:
-            headers.setRawHeaders(b"Authorization", [basic_authorization(self._credentials)])
-            user = f" for user {self._credentials.username}"
+        if key.credentials is not None:
+            headers.setRawHeaders(b"Authorization", [basic_authorization(key.credentials)])
+            user = f" for user {key.credentials.username}"
         request = self._agent.request(b"GET", _token_url(key), headers)
         try:
             response: IResponse = await within(self._timeout, self._clock, request)

@@ -11,9 +11,12 @@ no cookies, and redirects to blob storage are followed without carrying the
 C{Authorization} header to another host (Twisted's L{RedirectAgent} strips it
 on cross-origin redirects).
 
-Credentials go only to mirrors that may resolve tags, never to a digest-only
-third-party mirror.  Docker Hub gets them only through its token service:
-Basic auth is never sent to its registry API.
+Each mirror is sent its own credentials if it has some, else the
+registry's, which go only to mirrors that may resolve tags, never to a
+digest-only third-party mirror.  Docker Hub's hosts get them only through
+its token service: Basic auth is never sent to its registry API.  That is
+decided by the mirror's host, not the registry's name, so that a company's
+registry mirroring C{docker.io} gets the Basic auth it asks for.
 """
 
 from __future__ import annotations
@@ -180,7 +183,6 @@ class Upstream:
             RedirectAgent(agent, redirectLimit=5),
             clock,
             registry.name,
-            registry.credentials,
             self._timeout,
         )
         # The last challenge of each mirror, so that later requests can
@@ -344,9 +346,6 @@ class Upstream:
             )
         raise error
 
-    def _sends_credentials(self, mirror: MirrorConfig) -> bool:
-        return self.registry.credentials is not None and mirror.resolve_tags
-
     async def _ask(
         self,
         mirror: MirrorConfig,
@@ -385,8 +384,8 @@ class Upstream:
         for challenge in challenges:
             if (
                 challenge.scheme == "basic"
-                and self._sends_credentials(mirror)
-                and not self.registry.is_docker_hub
+                and self.registry.credentials_for(mirror) is not None
+                and not mirror.is_docker_hub
                 and self._challenges.get(mirror.url) != challenge
             ):
                 return challenge
@@ -396,10 +395,11 @@ class Upstream:
         self, mirror: MirrorConfig, challenge: Challenge, scope: str, fresh: bool
     ) -> bytes | None:
         """The C{Authorization} for a mirror that challenged us so."""
+        credentials = self.registry.credentials_for(mirror)
         if challenge.scheme == "basic":
-            assert self.registry.credentials is not None
-            return basic_authorization(self.registry.credentials)
-        key = token_key(challenge, scope, authenticated=self._sends_credentials(mirror))
+            assert credentials is not None
+            return basic_authorization(credentials)
+        key = token_key(challenge, scope, credentials)
         assert key is not None
         if fresh:
             self._tokens.discard(key)

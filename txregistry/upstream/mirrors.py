@@ -109,6 +109,8 @@ class MirrorState:
             "state": state,
             "consecutive_failures": self.failures,
         }
+        if self.mirror.credentials is not None:
+            description["user"] = self.mirror.credentials.username
         if self.backing_off(now):
             description["backoff_seconds"] = round(self.skip_until - now, 1)
         if self.last_error is not None:
