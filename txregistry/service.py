@@ -52,6 +52,7 @@ from txregistry.storage.interface import IStorage
 from txregistry.storage.runner import in_thread_pool
 from txregistry.storage.staging import threaded_spools
 from txregistry.upstream.client import Upstream
+from txregistry.upstream.dns import ExplainingResolver
 from txregistry.upstream.endpoints import registry_agent
 
 
@@ -124,8 +125,9 @@ class RegistryService(MultiService):
         self, config: Config, reactor: Any, resolver: IHostnameResolver | None = None
     ) -> None:
         """
-        @param resolver: resolves upstream host names; the reactor's own
-            unless a test injects one.
+        @param resolver: resolves upstream host names: C{getaddrinfo} in
+            the reactor's thread pool, keeping its errors, unless a test
+            injects one.
         @raise ConfigError: for a listen description that cannot be used, or
             a certificate or C{ca_file} that holds no certificate.
         """
@@ -140,7 +142,7 @@ class RegistryService(MultiService):
             spools=threaded_spools(reactor),
         )
         clock: IReactorTime = reactor
-        resolver = resolver or reactor.nameResolver
+        resolver = resolver or ExplainingResolver.for_reactor(reactor)
         self.upstreams = {
             r.name: Upstream(r, registry_agent(reactor, resolver, r), clock)
             for r in config.registries

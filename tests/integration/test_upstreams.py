@@ -114,6 +114,17 @@ async def test_ipv4_only_never_dials_the_ipv6_address(upstream, start_txregistry
 
 
 @pytest_twisted.ensureDeferred
+async def test_host_names_resolve_through_txregistrys_own_resolver(
+    upstream, start_txregistry, skopeo, tmp_path
+):
+    # No resolver injected: "localhost" goes through getaddrinfo in the
+    # reactor's thread pool, as in the service.
+    tx = start_txregistry(hub(f"http://localhost:{upstream.registry.port}"))
+    pulled = await skopeo.pull(f"{tx.host}/library/small:v1", tmp_path / "pulled")
+    check_pulled(pulled, upstream.images["small"].digest)
+
+
+@pytest_twisted.ensureDeferred
 async def test_htpasswd_registry_gets_basic_auth(
     htpasswd_upstream, start_txregistry, skopeo, tmp_path
 ):

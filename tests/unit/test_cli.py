@@ -3,11 +3,13 @@
 import io
 
 import pytest
+from twisted.internet.address import IPv4Address, IPv6Address
 
 from txregistry.cli.doctor import Check, MirrorReport, conclude, render
 from txregistry.cli.main import check_config
 from txregistry.cli.prefetch import ImageRef, PrefetchError, parse_image_ref, server_from_listen
 from txregistry.config import MirrorConfig, RegistryConfig
+from txregistry.upstream.dns import Lookup
 
 DIGEST = "sha256:" + "a" * 64
 
@@ -77,6 +79,9 @@ def report(url="https://registry-1.docker.io", resolve_tags=True, **checks):
         result.checks[names[short]] = Check(ok, "ok" if ok else ("-" if ok is None else "failed"))
     for name in names.values():
         result.checks.setdefault(name, Check(None, "-"))
+    for short, family, address in (("A", "ipv4", IPv4Address), ("AAAA", "ipv6", IPv6Address)):
+        found = (address("TCP", "192.0.2.1" if short == "A" else "::1", 443),)
+        result.lookups[family] = Lookup(found if checks.get(short) else ())
     return result
 
 
@@ -99,7 +104,26 @@ def test_nothing_reachable():
 def test_only_ipv6_addresses():
     reports = [report(A=False, AAAA=True)]
     usable, text = conclude(HUB, reports)
-    assert not usable and "no mirror has an IPv4 address, only IPv6" in text
+    assert not usable
+    assert text.startswith("no IPv4 address for registry-1.docker.io: it has only IPv6 (AAAA)")
+
+
+def test_every_mirrors_dns_problem_is_named_once():
+    reports = [report(A=False, AAAA=True), report("https://m.test", False, A=False, AAAA=False)]
+    usable, text = conclude(HUB, reports)
+    assert not usable
+    first, second = text.split(" | ")
+    assert first.startswith("no IPv4 address for registry-1.docker.io")
+    assert second.startswith("cannot resolve m.test: no address found")
+
+
+def test_behind_a_proxy_dns_is_the_proxys_business():
+    unresolved = report(A=False, AAAA=False, v2=False)
+    unresolved.proxy = "http://proxy.example:3128"
+    assert conclude(HUB, [unresolved]) == (
+        False,
+        "no mirror reachable: check DNS, firewall or proxy",
+    )
 
 
 def test_tls_failing_everywhere():

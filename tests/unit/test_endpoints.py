@@ -105,7 +105,12 @@ def test_host_with_only_aaaa_records_fails_clearly():
     reactor = MemoryReactorClock()
     resolver = Resolver({"v6only.test": [(IPv6Address, "2001:db8::1")]})
     d = FamilyEndpoint(reactor, resolver, "v6only.test", 443, "ipv4", 5).connect(Factory())
-    assert outcome(d).getErrorMessage() == "no IPv4 address for v6only.test"
+    assert (
+        outcome(d)
+        .getErrorMessage()
+        .startswith("no IPv4 address for v6only.test: it has only IPv6 (AAAA) records")
+    )
+    assert resolver.asked == [("v6only.test", (IPv4Address,)), ("v6only.test", (IPv6Address,))]
     assert dialled(reactor) == []
 
 

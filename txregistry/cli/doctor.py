@@ -27,12 +27,12 @@ from txregistry.config import Config, MirrorConfig, RegistryConfig
 from txregistry.upstream.auth import TokenFetcher, parse_www_authenticate, pull_scope, token_key
 from txregistry.upstream.bodies import describe_failure, discard_body, within
 from txregistry.upstream.client import USER_AGENT
+from txregistry.upstream.dns import ExplainingResolver, Lookup, lookup, why_no_address
 from txregistry.upstream.endpoints import (
     FamilyEndpoint,
     MirrorTLSPolicy,
     UpstreamEndpoints,
     registry_agent,
-    resolve,
 )
 
 
@@ -46,9 +46,15 @@ class Check:
 
 @dataclass
 class MirrorReport:
+    """
+    @ivar lookups: what DNS found for the mirror's host, by family
+        (C{"ipv4"}, C{"ipv6"}).
+    """
+
     mirror: MirrorConfig
     checks: dict[str, Check] = field(default_factory=dict)
     proxy: str = "none"
+    lookups: dict[str, Lookup] = field(default_factory=dict)
 
     @property
     def usable(self) -> bool:
@@ -63,6 +69,17 @@ class MirrorReport:
     def passed(self, name: str) -> bool:
         check = self.checks.get(name)
         return check is not None and bool(check.ok)
+
+    def address_problem(self, family: str) -> str | None:
+        """
+        Why txregistry finds no address of C{family} for this mirror, in the
+        words its own connections use, or L{None}.  Through a proxy, which
+        resolves the name itself, there is none.
+        """
+        ipv4, ipv6 = self.lookups.get("ipv4"), self.lookups.get("ipv6")
+        if self.proxy != "none" or ipv4 is None or ipv6 is None:
+            return None
+        return why_no_address(self.mirror.host, family, ipv4, ipv6)
 
 
 COLUMNS = ["A", "AAAA", "IPv4 connect", "IPv6 connect", "TLS", "/v2/", "token"]
@@ -97,10 +114,22 @@ async def check_mirror(
 
     for name, family in (("A", "ipv4"), ("AAAA", "ipv6")):
         try:
-            found = await within(timeout, reactor, resolve(resolver, host, port, family))
-            report.checks[name] = Check(bool(found), f"{len(found)} found" if found else "none")
+            found = await within(timeout, reactor, lookup(resolver, host, port, family))
         except Exception as e:
             report.checks[name] = Check(False, f"failed: {describe_failure(e)}")
+            continue
+        report.lookups[family] = found
+    resolves = any(result.addresses for result in report.lookups.values())
+    for name, family in (("A", "ipv4"), ("AAAA", "ipv6")):
+        result = report.lookups.get(family)
+        if result is None:
+            continue
+        if result.addresses:
+            text = f"{len(result.addresses)} found"
+        else:
+            # When the name does not resolve at all, the resolver's error says why.
+            text = "none" if resolves else result.error or "none"
+        report.checks[name] = Check(bool(result.addresses), text)
 
     for name, family, dns in (("IPv4 connect", "ipv4", "A"), ("IPv6 connect", "ipv6", "AAAA")):
         if not report.checks[dns].ok:
@@ -207,13 +236,9 @@ def conclude(registry: RegistryConfig, reports: list[MirrorReport]) -> tuple[boo
         if not notes:
             notes.append(f"ok: {usable[0].mirror.url} answers")
         return True, "; ".join(notes)
-    if all(r.checks["A"].ok is False for r in reports) and registry.address_family == "ipv4":
-        if any(r.passed("AAAA") for r in reports):
-            return False, (
-                "no mirror has an IPv4 address, only IPv6: check DNS, or set"
-                ' address_family = "any" if the VM has an IPv6 route'
-            )
-        return False, "no mirror resolves: check DNS"
+    problems = [r.address_problem(registry.address_family) for r in reports]
+    if problems and all(problems):
+        return False, " | ".join(dict.fromkeys(p for p in problems if p))
     tls_checked = [r for r in reports if r.checks["TLS"].ok is not None]
     if tls_checked and all(r.failed("TLS") for r in tls_checked):
         return False, (
@@ -249,7 +274,7 @@ async def doctor(
     reactor: Any, config: Config, out: IO[str], resolver: IHostnameResolver | None = None
 ) -> int:
     """Check every registry; print the table; return the exit code."""
-    resolver = resolver or reactor.nameResolver
+    resolver = resolver or ExplainingResolver.for_reactor(reactor)
     exit_code = 0
     print(f"txregistry doctor: {config.source or 'built-in defaults'}", file=out)
     for registry in config.registries:

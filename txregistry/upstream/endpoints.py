@@ -5,8 +5,10 @@ The incident this module exists for: a VM whose DNS answered AAAA records
 but which had no IPv6 route, so pulls died with 502.  Upstream hosts are
 resolved for one address family only (A records, by default) and connected
 to with a plain TCP endpoint of that family, one address at a time.  There
-is no racing between families (no L{HostnameEndpoint}), and a host without
-an address of the family fails with a clear "no IPv4 address for <host>".
+is no racing between families (no L{HostnameEndpoint}).  A host without an
+address of the family fails saying which case it is (see
+L{txregistry.upstream.dns}): the name does not resolve, or it has only
+addresses of the other family.
 
 HTTPS upstreams behind an HTTP proxy are reached through a CONNECT tunnel,
 with TLS verified end to end; L{UpstreamEndpoints} builds each connection
@@ -33,14 +35,12 @@ from twisted.internet.error import (
     TimeoutError,
 )
 from twisted.internet.interfaces import (
-    IAddress,
     IHostnameResolver,
     IOpenSSLClientConnectionCreator,
     IProtocol,
     IProtocolFactory,
     IReactorTCP,
     IReactorTime,
-    IResolutionReceiver,
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -60,13 +60,8 @@ from zope.interface import implementer
 from txregistry.config import ConfigError, ProxyConfig, ProxyServer, RegistryConfig, Secret
 from txregistry.sockets import read_in_large_pieces
 from txregistry.upstream.bodies import TimedOut, within
+from txregistry.upstream.dns import Lookup, lookup, why_no_address
 
-_FAMILIES: dict[str, tuple[type[IAddress], ...]] = {
-    "ipv4": (IPv4Address,),
-    "ipv6": (IPv6Address,),
-    "any": (IPv4Address, IPv6Address),
-}
-_FAMILY_NAMES = {"ipv4": "IPv4", "ipv6": "IPv6", "any": "IP"}
 _MINIMUM_TLS = TLSVersion.TLSv1_2
 
 
@@ -79,40 +74,6 @@ class UpstreamConnectError(ConnectError):
 
     def __str__(self) -> str:
         return self.message
-
-
-@implementer(IResolutionReceiver)
-class _Addresses:
-    """Collects the addresses a resolution yields."""
-
-    def __init__(self) -> None:
-        self.addresses: list[IAddress] = []
-        self.done: Deferred[list[IAddress]] = Deferred()
-
-    def resolutionBegan(self, resolution: object) -> None:
-        pass
-
-    def addressResolved(self, address: IAddress) -> None:
-        self.addresses.append(address)
-
-    def resolutionComplete(self) -> None:
-        self.done.callback(self.addresses)
-
-
-def resolve(
-    resolver: IHostnameResolver, host: str, port: int, family: str
-) -> Deferred[list[IAddress]]:
-    """
-    The addresses of C{host} in one family.  The resolver is asked for that
-    family only, and its answers are filtered too, since a resolver is free
-    to ignore the hint.
-    """
-    types = _FAMILIES[family]
-    receiver = _Addresses()
-    resolver.resolveHostName(receiver, host, port, addressTypes=types)
-    return receiver.done.addCallback(
-        lambda addresses: [a for a in addresses if isinstance(a, types)]
-    )
 
 
 @implementer(IStreamClientEndpoint)
@@ -156,11 +117,14 @@ class FamilyEndpoint:
         clock: IReactorTime = self._reactor
         deadline = clock.seconds() + self._timeout
         try:
-            addresses = await resolve(self._resolver, self._host, self._port, self._family)
+            found = await lookup(self._resolver, self._host, self._port, self._family)
+            addresses = found.addresses
+            if not addresses:
+                raise UpstreamConnectError(await self._why_no_address(found))
+        except UpstreamConnectError:
+            raise
         except Exception as e:
             raise UpstreamConnectError(f"DNS lookup of {self._host} failed: {e}") from None
-        if not addresses:
-            raise UpstreamConnectError(f"no {_FAMILY_NAMES[self._family]} address for {self._host}")
         errors = []
         for address in addresses:
             assert isinstance(address, (IPv4Address, IPv6Address))
@@ -183,6 +147,21 @@ class FamilyEndpoint:
         raise UpstreamConnectError(
             f"cannot connect to {self._host}:{self._port}: {'; '.join(errors)}"
         )
+
+    async def _why_no_address(self, found: Lookup) -> str:
+        """
+        Why the host has no address of our family: the other family is
+        looked up too, to tell a name that does not resolve from one that
+        has only addresses of the other family.
+        """
+        ipv4 = ipv6 = found
+        if self._family == "ipv4":
+            ipv6 = await lookup(self._resolver, self._host, self._port, "ipv6")
+        elif self._family == "ipv6":
+            ipv4 = await lookup(self._resolver, self._host, self._port, "ipv4")
+        why = why_no_address(self._host, self._family, ipv4, ipv6)
+        assert why is not None
+        return why
 
 
 def _reason(error: Exception) -> str:
