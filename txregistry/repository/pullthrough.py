@@ -273,13 +273,20 @@ class PullThroughCache:
         try:
             if head:
                 response = await self._head_manifest(route, str(tag), accept)
-                return _head_answer(route, response, None)
+                if response.header("Docker-Content-Digest"):
+                    return _head_answer(route, response, None)
+                # Without a digest the answer would say nothing: fetch it whole.
             fetched = await self._fetch_manifest(route, str(tag), accept, None)
         except UpstreamNotFound:
             raise RegistryError.manifest_unknown(
                 f"{what} is {answer.media_type}, which the request's Accept header"
                 f" ({accepted.describe()}) does not include, and the upstream has nothing"
                 f" else for it: accept {answer.media_type}, or pull {answer.digest}"
+            ) from None
+        except UpstreamOffline as e:
+            raise e.as_registry_error(
+                f"{route.describe()} is cached only as {answer.media_type}, which the"
+                f" request's Accept header ({accepted.describe()}) does not include"
             ) from None
         return _answer(fetched.digest, _stored(fetched), head, MISS)
 

@@ -211,6 +211,28 @@ class TestAClientThatAcceptsNeither:
         assert (skopeo.body, skopeo.headers["x-cache"]) == (LIST, "HIT")
         assert skopeo.headers["docker-content-digest"] == tagged
 
+    def test_a_head_is_answered_from_the_upstreams_headers(self, registry):
+        registry.upstream.add_manifest("library/alpine", "3.20", LIST, DOCKER_LIST)
+        amd64 = registry.upstream.add_manifest("library/alpine", None, DOCKER_BODY, DOCKER_MANIFEST)
+        registry.upstream.list_rewrites[("library/alpine", "3.20")] = amd64
+        head = registry.head(TAG, {"Accept": DOCKER_MANIFEST})
+        assert (head.status, head.headers["docker-content-digest"]) == (200, amd64)
+        assert (head.headers["content-type"], head.headers["x-cache"]) == (DOCKER_MANIFEST, "MISS")
+        assert upstream_requests(registry) == [("HEAD", "manifests/3.20")] * 2
+
+    def test_offline_it_is_told_what_is_cached(self, registry):
+        registry.upstream.add_manifest("library/alpine", "3.20", INDEX, OCI_INDEX)
+        registry.get(TAG, {"Accept": SKOPEO})
+        registry.upstreams["docker.io"].offline = True
+        response = registry.get(TAG, {"Accept": DOCKER_MANIFEST})
+        assert response.status == 503
+        assert response.json()["errors"][0]["message"] == (
+            "registry docker.io is in offline mode, and library/alpine:3.20 is cached only as"
+            f" {OCI_INDEX}, which the request's Accept header ('{DOCKER_MANIFEST}') does not"
+            " include"
+        )
+        assert registry.get(TAG, {"Accept": CURL}).headers["x-cache"] == "HIT"
+
     def test_a_404_for_its_accept_says_why_and_is_not_remembered(self, registry, logs):
         digest = registry.upstream.add_manifest("library/alpine", "3.20", INDEX, OCI_INDEX)
         refused = registry.get(TAG, {"Accept": DOCKER_MANIFEST})
