@@ -214,6 +214,8 @@ def test_tag_answers_from_the_earlier_layout_survive_an_upgrade(tmp_path, skopeo
     process, _, port = start_in_front_of(tmp_path, registry.url)
     try:
         process.wait_for("tag answers in the earlier layout: 1 kept, 1 dropped")
+        said = [line for line in process.lines if "earlier layout" in line or "ready" in line]
+        assert "earlier layout" in said[0] and said[-1].endswith("txregistry ready")
 
         def head(tag):
             request = urllib.request.Request(
