@@ -6,8 +6,9 @@ be told it is ready before it can pull:
 
  1. C{privilegedStartService}: every listener is bound (before twistd drops
     privileges, so that a port below 1024 works);
- 2. C{startService}: the cache is opened;
- 3. once the reactor runs, C{txregistry ready} is logged.
+ 2. C{startService}: the cache is opened, and tag answers kept by an
+    earlier version are brought into the current layout;
+ 3. once the reactor runs and that is done, C{txregistry ready} is logged.
 
 A failure in 1 stops startup with one line and a non-zero exit; the reactor
 is not running yet, which is the only time twistd can still exit non-zero.
@@ -221,7 +222,20 @@ class RegistryService(MultiService):
         if self.tls:
             self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
         self._figures.start(15, now=True)
-        self._reactor.callWhenRunning(self._announce_ready)
+        # Tag answers an earlier version kept are brought into the current
+        # layout before we say we are ready, so that a restart onto this
+        # version still serves them when the upstream is down.
+        migrated = Deferred.fromCoroutine(self.cache.migrate_tag_answers())
+        migrated.addErrback(
+            lambda failure: self.log.failure(
+                "bringing tag answers into the current layout failed;"
+                " tags are fetched from the upstream again",
+                failure,
+            )
+        )
+        self._reactor.callWhenRunning(
+            lambda: migrated.addCallback(lambda _: self._announce_ready())
+        )
 
     def _sighup(self, signum: int, frame: Any) -> None:
         # A signal handler must not touch the reactor's state directly.
@@ -233,6 +247,8 @@ class RegistryService(MultiService):
             tls.reload()
 
     def _announce_ready(self) -> None:
+        if not self.running:
+            return
         self.ready = True
         addresses = ", ".join(
             _address(listener.port) for listener in self.listeners if listener.port is not None

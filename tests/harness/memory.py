@@ -47,6 +47,7 @@ from txregistry.upstream.client import Upstream
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 
 
 @dataclass
@@ -61,15 +62,20 @@ class Seen:
 @dataclass
 class FakeRegistry(Resource):
     """
-    An in-memory OCI registry: enough of the pull API, Bearer token auth
-    when C{require_token} is set, and hooks to inject faults.
+    An in-memory OCI registry: enough of the pull API, with distribution's
+    handling of C{Accept}, Bearer token auth when C{require_token} is set,
+    and hooks to inject faults.
     """
 
     isLeaf = True
 
     blobs: dict[str, bytes] = field(default_factory=dict)
     manifests: dict[str, tuple[str, bytes]] = field(default_factory=dict)
-    tags: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+    # The digest each tag names.
+    tags: dict[tuple[str, str], str] = field(default_factory=dict)
+    # For a tag that names a Docker manifest list: the manifest distribution
+    # answers a client that does not accept lists with.
+    list_rewrites: dict[tuple[str, str], str] = field(default_factory=dict)
     seen: list[Seen] = field(default_factory=list)
     require_token: bool = False
     token_lifetime: int = 300
@@ -101,7 +107,7 @@ class FakeRegistry(Resource):
         digest = str(Digest.of(body))
         self.manifests[digest] = (media_type, body)
         if tag is not None:
-            self.tags.setdefault((repository, tag), {})[media_type] = digest
+            self.tags[(repository, tag)] = digest
         return digest
 
     def requests(self, method: str | None = None, contains: str = "") -> list[Seen]:
@@ -192,27 +198,35 @@ class FakeRegistry(Resource):
                 )
                 return blob[start:]
             return blob
-        digest = (
-            ref if ":" in ref else self._resolve(name, ref, request.getHeader(b"accept") or b"")
-        )
+        digest = ref if ":" in ref else self.tags.get((name, ref))
         if digest is None or digest not in self.manifests:
-            return _json(
-                request,
-                404,
-                {"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]},
-            )
+            return _manifest_unknown(request, "manifest unknown")
         media_type, body = self.manifests[digest]
+        # What distribution's GetManifest does with the Accept header
+        # (registry/handlers/manifests.go, v2.8.2 and v3): only exact types
+        # count, "*/*" does not.
+        accepted = {
+            part.split(";")[0].strip()
+            for line in request.requestHeaders.getRawHeaders(b"accept", [])
+            for part in line.decode().split(",")
+        }
+        if media_type == OCI_MANIFEST and OCI_MANIFEST not in accepted:
+            return _manifest_unknown(
+                request, "OCI manifest found, but accept header does not support OCI manifests"
+            )
+        if media_type == OCI_INDEX and OCI_INDEX not in accepted:
+            return _manifest_unknown(
+                request, "OCI index found, but accept header does not support OCI indexes"
+            )
+        if ":" not in ref and media_type == DOCKER_LIST and DOCKER_LIST not in accepted:
+            # The manifest of linux/amd64, for a client that takes no list.
+            digest = self.list_rewrites.get((name, ref))
+            if digest is None:
+                return _manifest_unknown(request, "manifest unknown")
+            media_type, body = self.manifests[digest]
         request.setHeader(b"Content-Type", media_type.encode())
         request.setHeader(b"Docker-Content-Digest", digest.encode())
         return body
-
-    def _resolve(self, name: str, tag: str, accept: bytes) -> str | None:
-        by_type = self.tags.get((name, tag), {})
-        for wanted in accept.decode().split(","):
-            digest = by_type.get(wanted.split(";")[0].strip())
-            if digest is not None:
-                return digest
-        return next(iter(by_type.values()), None)
 
     def _authorized(self, request: Request) -> bool:
         auth = (request.getHeader(b"authorization") or b"").decode()
@@ -284,6 +298,10 @@ def _range_start(request: Request) -> int | None:
 def _has_basic(request: Request, user_password: str) -> bool:
     expected = b"Basic " + base64.b64encode(user_password.encode())
     return request.getHeader(b"authorization") == expected
+
+
+def _manifest_unknown(request: Request, message: str) -> bytes:
+    return _json(request, 404, {"errors": [{"code": "MANIFEST_UNKNOWN", "message": message}]})
 
 
 def _json(request: Request, code: int, document: Any) -> bytes:
@@ -384,9 +402,13 @@ class Client:
         self._pump = pump
         self._head = False
 
-    def send(self, method: str, path: str, headers: dict[str, str] | None = None) -> None:
+    def send(
+        self, method: str, path: str, headers: dict[str, str | list[str]] | None = None
+    ) -> None:
+        """Send a request; a list of values is sent as one header line each."""
         lines = [f"{method} {path} HTTP/1.1", "Host: localhost:5050"]
-        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        for name, values in (headers or {}).items():
+            lines += [f"{name}: {v}" for v in ([values] if isinstance(values, str) else values)]
         self._head = method == "HEAD"
         self.channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode())
         self._pump()
@@ -489,11 +511,11 @@ class MemoryRegistry:
         return digest, held, client
 
     def get(
-        self, path: str, headers: dict[str, str] | None = None, method: str = "GET"
+        self, path: str, headers: dict[str, str | list[str]] | None = None, method: str = "GET"
     ) -> Response:
         client = self.client()
         client.send(method, path, headers)
         return client.response()
 
-    def head(self, path: str, headers: dict[str, str] | None = None) -> Response:
+    def head(self, path: str, headers: dict[str, str | list[str]] | None = None) -> Response:
         return self.get(path, headers, method="HEAD")

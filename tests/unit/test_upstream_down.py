@@ -43,7 +43,7 @@ class TestOneUpstreamRequest:
         request.setHeader(b"Content-Type", OCI_MANIFEST.encode())
         request.setHeader(
             b"Docker-Content-Digest",
-            registry.upstream.tags[("library/alpine", "1")][OCI_MANIFEST].encode(),
+            registry.upstream.tags[("library/alpine", "1")].encode(),
         )
         request.write(MANIFEST)
         request.finish()

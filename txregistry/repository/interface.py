@@ -149,7 +149,11 @@ class IRepository(Interface):
     """
 
     def manifest(route: Route, head: bool, accept: bytes) -> Awaitable[ManifestAnswer]:
-        """A manifest by tag or digest, in a media type C{accept} allows."""
+        """
+        A manifest by tag or digest.  C{accept} is the request's C{Accept}
+        header: a tag's answer is given in a media type it allows where the
+        upstream has one; by digest, the manifest is what it is.
+        """
 
     def blob(route: Route, head: bool) -> Awaitable[BlobAnswer]:
         """A blob by digest."""

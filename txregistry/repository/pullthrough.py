@@ -4,9 +4,12 @@ the upstream, and what is kept.
 
  - Content addressed by digest never changes, so it is served from storage
    whenever it is there, without asking the upstream.
- - A tag's answer follows the policy of L{txregistry.repository.tags}:
-   trusted for C{tag_ttl}, revalidated with a HEAD, served C{STALE} when
-   the upstream cannot answer, remembered as missing for C{negative_ttl}.
+ - A tag has one answer, shared by every client that accepts its media
+   type, and follows the policy of L{txregistry.repository.tags}: trusted
+   for C{tag_ttl}, revalidated with a HEAD, served C{STALE} when the
+   upstream cannot answer, remembered as missing for C{negative_ttl}.  A
+   client that does not accept it is answered as the upstream answers its
+   own C{Accept}.
  - Concurrent requests for the same manifest share one lookup; concurrent
    requests for the same blob share one download
    (L{txregistry.repository.fills}).
@@ -22,7 +25,7 @@ from zope.interface import implementer
 
 from txregistry.config import CacheConfig
 from txregistry.oci.errors import RegistryError
-from txregistry.oci.mediatypes import DEFAULT_ACCEPT, accept_key
+from txregistry.oci.mediatypes import Accepted, upstream_accept
 from txregistry.oci.reference import Digest, Tag
 from txregistry.repository.fill import BlobFill, Resumer
 from txregistry.repository.fills import BlobFills
@@ -41,7 +44,14 @@ from txregistry.repository.interface import (
     Route,
 )
 from txregistry.repository.singleflight import SingleFlight
-from txregistry.repository.tags import MissingTags, can_serve_stale, tag_key
+from txregistry.repository.tags import (
+    TAG_ACCEPT,
+    MissingTags,
+    can_serve_stale,
+    migrate_tag_answers,
+    refused_for_accept,
+    tag_key,
+)
 from txregistry.storage.interface import IStorage, StoredManifest, TagEntry
 from txregistry.upstream.client import FetchedManifest, Upstream, UpstreamResponse
 from txregistry.upstream.errors import (
@@ -117,48 +127,57 @@ class PullThroughCache:
     # Manifests.
 
     async def manifest(self, route: Route, head: bool, accept: bytes) -> ManifestAnswer:
-        accept = accept or DEFAULT_ACCEPT
-        lookup = (
-            route.registry.name,
-            route.repository,
-            str(route.reference),
-            accept_key(accept),
-            "HEAD" if head else "GET",
-        )
+        accepted = Accepted(accept)
+        method = "HEAD" if head else "GET"
+        where = (route.registry.name, route.repository, str(route.reference), method)
         try:
+            if isinstance(route.reference, Digest):
+                digest = route.reference
+                return await self._manifest_lookups.run(
+                    where, lambda: self._manifest_by_digest(route, digest, head, accepted)
+                )
+            assert isinstance(route.reference, Tag)
+            tag = route.reference
+            answer = await self._manifest_lookups.run(
+                where, lambda: self._manifest_by_tag(route, tag, head)
+            )
+            if accepted.accepts(answer.media_type):
+                return answer
             return await self._manifest_lookups.run(
-                lookup, lambda: self._manifest(route, head, accept)
+                (*where, accepted.key()),
+                lambda: self._negotiate(route, tag, head, accepted, answer),
             )
         except UPSTREAM_ERRORS as e:
             raise upstream_error(route, e) from None
 
-    async def _manifest(self, route: Route, head: bool, accept: bytes) -> ManifestAnswer:
-        if isinstance(route.reference, Digest):
-            return await self._manifest_by_digest(route, route.reference, head, accept)
-        assert isinstance(route.reference, Tag)
-        return await self._manifest_by_tag(route, route.reference, head, accept)
+    async def migrate_tag_answers(self) -> None:
+        """Bring tag answers kept by an earlier version into the current layout."""
+        await migrate_tag_answers(self.storage)
 
     async def _manifest_by_digest(
-        self, route: Route, digest: Digest, head: bool, accept: bytes
+        self, route: Route, digest: Digest, head: bool, accepted: Accepted
     ) -> ManifestAnswer:
         stored = await self.storage.get_manifest(digest)
         if stored is not None:
             return _answer(digest, stored, head, HIT)
+        # Content by digest is the same whatever the client accepts: ask for
+        # every type, so that distribution does not refuse an OCI manifest
+        # to a client that sent "*/*".
+        accept = upstream_accept(*accepted.named_types)
         if head:
             response = await self._head_manifest(route, str(digest), accept, by_digest=True)
             return _head_answer(route, response, digest)
         fetched = await self._fetch_manifest(route, str(digest), accept, digest)
         return _answer(digest, _stored(fetched), head, MISS)
 
-    async def _manifest_by_tag(
-        self, route: Route, tag: Tag, head: bool, accept: bytes
-    ) -> ManifestAnswer:
-        key = tag_key(route, tag, accept)
+    async def _manifest_by_tag(self, route: Route, tag: Tag, head: bool) -> ManifestAnswer:
+        """The tag's one answer, whatever the client accepts (see L{txregistry.repository.tags})."""
+        key = tag_key(route, tag)
         entry = await self.storage.get_tag(key)
         now = self._clock.seconds()
         if entry is not None and now - entry.checked_at >= self._config.tag_ttl:
             try:
-                refreshed = await self._revalidate(route, tag, accept, key, entry)
+                refreshed = await self._revalidate(route, tag, key, entry)
             except UPSTREAM_ERRORS as e:
                 if not can_serve_stale(e):
                     raise
@@ -170,24 +189,25 @@ class PullThroughCache:
                     age=now - entry.checked_at,
                     reason=str(e),
                 )
-                return await self._answer_from_entry(route, entry, head, accept, STALE)
+                return await self._answer_from_entry(route, entry, head, STALE)
             if refreshed is not None:
-                return await self._answer_from_entry(route, refreshed, head, accept, HIT)
+                return await self._answer_from_entry(route, refreshed, head, HIT)
         elif entry is not None:
-            return await self._answer_from_entry(route, entry, head, accept, HIT)
+            return await self._answer_from_entry(route, entry, head, HIT)
 
         self._missing.check(route, key, now)
         try:
-            return await self._fetch_tag(route, tag, head, accept, key, now)
-        except UpstreamNotFound:
-            self._missing.remember(key, now)
+            return await self._fetch_tag(route, tag, head, key, now)
+        except UpstreamNotFound as e:
+            if not refused_for_accept(e):
+                self._missing.remember(key, now)
             raise
 
     async def _fetch_tag(
-        self, route: Route, tag: Tag, head: bool, accept: bytes, key: str, now: float
+        self, route: Route, tag: Tag, head: bool, key: str, now: float
     ) -> ManifestAnswer:
         if head:
-            response = await self._head_manifest(route, str(tag), accept)
+            response = await self._head_manifest(route, str(tag), TAG_ACCEPT)
             if response.header("Docker-Content-Digest"):
                 answer = _head_answer(route, response, None)
                 await self.storage.put_tag(
@@ -195,21 +215,21 @@ class PullThroughCache:
                 )
                 return answer
             # Without a digest we cannot remember the answer: fetch it whole.
-        fetched = await self._fetch_manifest(route, str(tag), accept, None)
+        fetched = await self._fetch_manifest(route, str(tag), TAG_ACCEPT, None)
         await self.storage.put_tag(
             key, TagEntry(str(fetched.digest), fetched.media_type, len(fetched.body), now)
         )
         return _answer(fetched.digest, _stored(fetched), head, MISS)
 
     async def _revalidate(
-        self, route: Route, tag: Tag, accept: bytes, key: str, entry: TagEntry
+        self, route: Route, tag: Tag, key: str, entry: TagEntry
     ) -> TagEntry | None:
         """
         Ask the upstream, with a HEAD, whether an expired tag still names
         the same digest.  Returns the refreshed entry, or L{None} if the tag
         has moved.
         """
-        response = await self._head_manifest(route, str(tag), accept)
+        response = await self._head_manifest(route, str(tag), TAG_ACCEPT)
         if response.header("Docker-Content-Digest") != entry.digest:
             return None
         refreshed = TagEntry(entry.digest, entry.media_type, entry.size, self._clock.seconds())
@@ -217,7 +237,7 @@ class PullThroughCache:
         return refreshed
 
     async def _answer_from_entry(
-        self, route: Route, entry: TagEntry, head: bool, accept: bytes, cache: str
+        self, route: Route, entry: TagEntry, head: bool, cache: str
     ) -> ManifestAnswer:
         if head:
             return ManifestAnswer(entry.digest, entry.media_type, entry.size, None, cache)
@@ -227,8 +247,48 @@ class PullThroughCache:
             return _answer(digest, stored, head, cache)
         # We know the digest but not the bytes (the tag was only HEADed):
         # fetch them by digest, so that they match what we said.
+        accept = upstream_accept(entry.media_type)
         fetched = await self._fetch_manifest(route, entry.digest, accept, digest)
         return _answer(digest, _stored(fetched), head, MISS)
+
+    async def _negotiate(
+        self, route: Route, tag: Tag, head: bool, accepted: Accepted, answer: ManifestAnswer
+    ) -> ManifestAnswer:
+        """
+        The tag's answer is of a type the client does not accept: ask the
+        upstream with the client's own C{Accept}, which may give another
+        answer (distribution rewrites a manifest list into the manifest of
+        linux/amd64 for a client that accepts no list).  That answer is
+        not kept as the tag's; its manifest is kept by digest.
+        """
+        what = f"{route.registry.name}/{route.describe()}"
+        self.log.info(
+            "{what} is {media_type}, which the client's Accept ({accept}) does not include:"
+            " asking the upstream with that Accept",
+            what=what,
+            media_type=answer.media_type,
+            accept=accepted.describe(),
+        )
+        accept = accepted.header.encode("latin-1")
+        try:
+            if head:
+                response = await self._head_manifest(route, str(tag), accept)
+                if response.header("Docker-Content-Digest"):
+                    return _head_answer(route, response, None)
+                # Without a digest the answer would say nothing: fetch it whole.
+            fetched = await self._fetch_manifest(route, str(tag), accept, None)
+        except UpstreamNotFound:
+            raise RegistryError.manifest_unknown(
+                f"{what} is {answer.media_type}, which the request's Accept header"
+                f" ({accepted.describe()}) does not include, and the upstream has nothing"
+                f" else for it: accept {answer.media_type}, or pull {answer.digest}"
+            ) from None
+        except UpstreamOffline as e:
+            raise e.as_registry_error(
+                f"{route.describe()} is cached only as {answer.media_type}, which the"
+                f" request's Accept header ({accepted.describe()}) does not include"
+            ) from None
+        return _answer(fetched.digest, _stored(fetched), head, MISS)
 
     async def _head_manifest(
         self, route: Route, reference: str, accept: bytes, by_digest: bool = False
