@@ -66,8 +66,9 @@ def refusal(tmp_path, *args):
         ("[cache]\nsize_limt = '1GiB'\n", "cache.size_limt: unknown key"),
         ("[cache]\ntag_ttl = 'forever'\n", "cache.tag_ttl: 'forever' is not a duration"),
         (
-            "[server]\nlisten = ['tcp:notaport']\n",
-            "server.listen[0]: 'tcp:notaport' is not a valid endpoint description",
+            "[server]\nlisten = ['tcp:50x50']\n",
+            "server.listen[0]: 'tcp:50x50': port '50x50' is not a port number (0 to 65535): "
+            "use tcp:PORT:interface=ADDRESS",
         ),
         ("this is not toml\n", "not valid TOML"),
     ],
