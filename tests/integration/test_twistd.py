@@ -10,6 +10,9 @@ import socket
 import pytest
 from harness.skopeo import check_pulled
 from harness.twistd import start_in_front_of, twistd, write_config
+from twisted.copyright import version as twisted_version
+
+from txregistry import __version__
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +51,16 @@ def assert_clean_stop(process):
     assert process.wait_exit() == -signal.SIGTERM
     assert any("Server Shut Down." in line for line in process.lines)
     assert not any("Traceback" in line for line in process.lines)
+
+
+def test_version_and_help_name_txregistrys_version(tmp_path):
+    version = twistd(tmp_path, "--version")
+    assert version.wait_exit() == 0
+    assert version.lines == [f"txregistry {__version__} (Twisted {twisted_version})"]
+    help = twistd(tmp_path, "--help")
+    assert help.wait_exit() == 0
+    assert any("--version  Display txregistry's version and exit." in line for line in help.lines)
+    assert not any("Twisted version" in line for line in help.lines)
 
 
 def refusal(tmp_path, *args):
