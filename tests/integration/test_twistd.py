@@ -27,6 +27,11 @@ def test_twistd_serves_pulls_from_a_config_file(tmp_path, upstream, skopeo):
     finally:
         process.signal(signal.SIGTERM)
     assert_clean_stop(process)
+    # Twisted's factories, the pool's for each upstream connection and the
+    # listeners', are not announced: the "listening on" lines say it.
+    assert not any(
+        "Starting factory" in line or "Stopping factory" in line for line in process.lines
+    )
 
 
 def test_builtin_defaults_listen_on_loopback_5050(tmp_path):
