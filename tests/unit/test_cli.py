@@ -1,10 +1,15 @@
-"""The command line's pure parts: references, servers, doctor's conclusions."""
+"""The command line's pure parts: references, servers, doctor's conclusions, cache stats."""
+
+import io
 
 import pytest
 
 from txregistry.cli.doctor import Check, MirrorReport, conclude, render
+from txregistry.cli.main import cache_command
 from txregistry.cli.prefetch import ImageRef, PrefetchError, parse_image_ref, server_from_listen
-from txregistry.config import MirrorConfig, RegistryConfig
+from txregistry.config import CacheConfig, Config, MirrorConfig, RegistryConfig
+from txregistry.storage.disk import DiskStorage
+from txregistry.storage.runner import run_inline
 
 DIGEST = "sha256:" + "a" * 64
 
@@ -120,3 +125,15 @@ def test_table_has_a_row_per_mirror_and_the_conclusion():
     assert lines[0] == "registry docker.io"
     assert "IPv6 connect" in lines[1] and "FAIL failed" in lines[2]
     assert lines[-1] == "  conclusion: the conclusion"
+
+
+def test_cache_stats_shows_the_hit_ratio_of_answers(tmp_path):
+    storage = DiskStorage(tmp_path / "cache", 1 << 30, run_inline)
+    storage.start()
+    for from_cache in (True, True, False):
+        storage.count_answer(from_cache)
+    storage.stop()
+    out = io.StringIO()
+    config = Config(cache=CacheConfig(tmp_path / "cache"), registries=())
+    assert cache_command("stats", config, out) == 0
+    assert "hit ratio   66.7% (2 hits, 1 misses)" in out.getvalue().splitlines()
