@@ -62,6 +62,16 @@ class RegistryResource(Resource):
         self._clock = clock
 
     def render(self, request: Request) -> bytes | int:
+        body = self._render(request)
+        if request.method == b"HEAD" and isinstance(body, bytes) and body:
+            # A HEAD answer has the GET's headers and no body (RFC 9110
+            # section 9.3.2); Twisted would drop the body itself, with a
+            # log line for every such answer.
+            request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+            return b""
+        return body
+
+    def _render(self, request: Request) -> bytes | int:
         exchange = Exchange(request, self._clock, self._finished)
         path = request.path
         if path == b"/health":

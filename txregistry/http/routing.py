@@ -97,7 +97,7 @@ class Router:
         reference: Reference | None = None
         if kind is Kind.MANIFEST:
             assert ref_text is not None
-            reference = parse_reference(ref_text)
+            reference = parse_reference(ref_text, repository)
         elif kind in (Kind.BLOB, Kind.REFERRERS):
             assert ref_text is not None
             reference = Digest.parse(ref_text)
