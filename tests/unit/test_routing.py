@@ -128,7 +128,7 @@ def test_no_default_registry():
         ("/v2/alpine/manifests/-bad", "MANIFEST_UNKNOWN"),
         ("/v2/alpine/manifests/.INVALID_MANIFEST_NAME", "MANIFEST_UNKNOWN"),
         ("/v2/alpine/manifests/sha256:123", "DIGEST_INVALID"),
-        ("/v2/alpine/nothing/latest", "NOT_FOUND"),
+        ("/v2/alpine/nothing/latest", "UNSUPPORTED"),
         ("/v3/alpine/manifests/latest", "NOT_FOUND"),
         ("/v2/alpine/blobs/uploads/", "UNSUPPORTED"),
         ("/v2/alpine/blobs/uploads/1234-5678", "UNSUPPORTED"),

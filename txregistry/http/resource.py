@@ -97,6 +97,9 @@ class RegistryResource(Resource):
         except RegistryError as e:
             return error_now(request, e)
         exchange.kind = route.kind.value.rstrip("s")
+        if ns is not None and not route.prefix:
+            # The spec's "Registry Proxying": a registry scoped by ns says so.
+            request.responseHeaders.setRawHeaders(b"OCI-Namespace", [ns])
         Deferred.fromCoroutine(self._serve(exchange, route)).addErrback(self._unexpected, exchange)
         return NOT_DONE_YET
 
