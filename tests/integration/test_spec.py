@@ -24,8 +24,7 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 # What the conformance suite sends with every manifest request.
 ACCEPT = {"Accept": f"{OCI_INDEX}, {OCI_MANIFEST}, {DOCKER_MANIFEST}"}
-# The codes a JSON body of a 4xx may carry (spec, "Error Codes"), and
-# TAG_INVALID, a legacy one it names.
+# The codes a JSON body of a 4xx may carry (spec, "Error Codes").
 SPEC_CODES = {
     "BLOB_UNKNOWN",
     "BLOB_UPLOAD_INVALID",
