@@ -162,6 +162,7 @@ class RegistryService(MultiService):
             reactor=reactor,
         )
         self.admin_site = Site(AdminResource(router, self.upstreams), reactor=reactor)
+        self.admin_site.noisy = False
         self.tls: list[ReloadableTLS] = []
         self.listeners = self._listeners("server.listen", server.listen, self.site)
         self.admin_listeners = self._listeners(

@@ -7,11 +7,14 @@ the problem and a non-zero exit, before twistd has started anything.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from twisted.application.service import IService
+from twisted.copyright import version as twisted_version
 from twisted.python import usage
 
+from txregistry import __version__
 from txregistry.config import Config, ConfigError, default_config, load_config
 from txregistry.service import RegistryService
 
@@ -25,6 +28,15 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "TOML config file (see etc/txregistry.toml)."],
     ]
+
+    def opt_version(self) -> None:
+        """
+        Display txregistry's version and exit.
+        """
+        # usage.Options would show Twisted's alone; the docstring above is
+        # what --help shows for --version.
+        print(f"txregistry {__version__} (Twisted {twisted_version})")
+        sys.exit(0)
 
     def postOptions(self) -> None:
         path = self["config"]

@@ -6,6 +6,7 @@ prefetch through a real twistd, and the cache commands on its cache.
 import hashlib
 import io
 import os
+import re
 import subprocess
 import sys
 
@@ -121,6 +122,16 @@ def test_prefetch_warms_the_cache_and_the_cache_commands_see_it(tmp_path, upstre
         assert "hit ratio" in stats.stdout
     finally:
         process.stop()
+
+    # The service keeps its answer counts when it stops, and they are what
+    # its access log says: the 404 for nope:1 is neither a hit nor a miss.
+    access = [line for line in process.lines if "txregistry.access" in line]
+    served = [line for line in access if re.search(r'/(manifests|blobs)/\S+" 200 ', line)]
+    expected_hits = sum(" 200 HIT " in line for line in served)
+    expected_misses = sum(" 200 MISS " in line for line in served)
+    assert expected_hits and expected_misses and any('" 404 ' in line for line in access)
+    stats = cli("cache", "stats", "--config", str(config))
+    assert f"({expected_hits} hits, {expected_misses} misses)" in stats.stdout, stats.stdout
 
     # Corrupt one blob on disk, keeping its size: verify finds and drops it.
     files = {

@@ -10,6 +10,9 @@ import socket
 import pytest
 from harness.skopeo import check_pulled
 from harness.twistd import start_in_front_of, twistd, write_config
+from twisted.copyright import version as twisted_version
+
+from txregistry import __version__
 
 pytestmark = pytest.mark.integration
 
@@ -24,6 +27,11 @@ def test_twistd_serves_pulls_from_a_config_file(tmp_path, upstream, skopeo):
     finally:
         process.signal(signal.SIGTERM)
     assert_clean_stop(process)
+    # Twisted's factories, the pool's for each upstream connection and the
+    # listeners', are not announced: the "listening on" lines say it.
+    assert not any(
+        "Starting factory" in line or "Stopping factory" in line for line in process.lines
+    )
 
 
 def test_builtin_defaults_listen_on_loopback_5050(tmp_path):
@@ -50,6 +58,16 @@ def assert_clean_stop(process):
     assert not any("Traceback" in line for line in process.lines)
 
 
+def test_version_and_help_name_txregistrys_version(tmp_path):
+    version = twistd(tmp_path, "--version")
+    assert version.wait_exit() == 0
+    assert version.lines == [f"txregistry {__version__} (Twisted {twisted_version})"]
+    help = twistd(tmp_path, "--help")
+    assert help.wait_exit() == 0
+    assert any("--version  Display txregistry's version and exit." in line for line in help.lines)
+    assert not any("Twisted version" in line for line in help.lines)
+
+
 def refusal(tmp_path, *args):
     """Run twistd expecting it to refuse to start; return its one line."""
     process = twistd(tmp_path, *args)
@@ -66,8 +84,9 @@ def refusal(tmp_path, *args):
         ("[cache]\nsize_limt = '1GiB'\n", "cache.size_limt: unknown key"),
         ("[cache]\ntag_ttl = 'forever'\n", "cache.tag_ttl: 'forever' is not a duration"),
         (
-            "[server]\nlisten = ['tcp:notaport']\n",
-            "server.listen[0]: 'tcp:notaport' is not a valid endpoint description",
+            "[server]\nlisten = ['tcp:50x50']\n",
+            "server.listen[0]: 'tcp:50x50': port '50x50' is not a port number (0 to 65535): "
+            "use tcp:PORT:interface=ADDRESS",
         ),
         ("this is not toml\n", "not valid TOML"),
     ],

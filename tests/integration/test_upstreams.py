@@ -251,7 +251,7 @@ async def test_tls_upstream_with_a_private_ca(tls_upstream, ca, start_txregistry
 
 @pytest_twisted.ensureDeferred
 async def test_upstreams_through_a_real_http_proxy(
-    upstream, tls_upstream, ca, tinyproxy, start_txregistry, skopeo, tmp_path
+    upstream, tls_upstream, ca, tinyproxy, start_txregistry, skopeo, tmp_path, logs
 ):
     proxy = ProxyServer("127.0.0.1", tinyproxy.port)
     through_proxy = UpstreamConfig(proxy=ProxyConfig(http=proxy, https=proxy))
@@ -273,3 +273,5 @@ async def test_upstreams_through_a_real_http_proxy(
     assert f"CONNECT 127.0.0.1:{tls_upstream.registry.port} HTTP/1.1" in seen
     assert f"GET {upstream.url}/v2/library/small/manifests/v1 HTTP/1.1" in seen
     assert not [line for line in seen if f":{upstream.registry.port}" in line and "CONNECT" in line]
+    # Neither the tunnels nor the pool's connections are announced one by one.
+    assert not logs.matching("Starting factory") and not logs.matching("Stopping factory")

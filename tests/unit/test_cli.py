@@ -1,4 +1,4 @@
-"""The command line's pure parts: references, servers, doctor's conclusions."""
+"""The command line's pure parts: references, servers, doctor's conclusions, cache stats."""
 
 import io
 
@@ -6,9 +6,11 @@ import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
 
 from txregistry.cli.doctor import Check, MirrorReport, conclude, render
-from txregistry.cli.main import check_config
+from txregistry.cli.main import cache_command, check_config
 from txregistry.cli.prefetch import ImageRef, PrefetchError, parse_image_ref, server_from_listen
-from txregistry.config import MirrorConfig, RegistryConfig
+from txregistry.config import CacheConfig, Config, MirrorConfig, RegistryConfig
+from txregistry.storage.disk import DiskStorage
+from txregistry.storage.runner import run_inline
 from txregistry.upstream.dns import Lookup
 
 DIGEST = "sha256:" + "a" * 64
@@ -171,3 +173,15 @@ def test_config_check_names_each_mirrors_user_and_no_password(tmp_path, capsys):
         " https://mirror.example (digest-only)"
     ) in text
     assert "c0mpany-secret" not in text
+
+
+def test_cache_stats_shows_the_hit_ratio_of_answers(tmp_path):
+    storage = DiskStorage(tmp_path / "cache", 1 << 30, run_inline)
+    storage.start()
+    for from_cache in (True, True, False):
+        storage.count_answer(from_cache)
+    storage.stop()
+    out = io.StringIO()
+    config = Config(cache=CacheConfig(tmp_path / "cache"), registries=())
+    assert cache_command("stats", config, out) == 0
+    assert "hit ratio   66.7% (2 hits, 1 misses)" in out.getvalue().splitlines()

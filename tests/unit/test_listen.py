@@ -66,13 +66,53 @@ def test_reload_picks_up_a_new_certificate_and_keeps_the_old_on_a_problem(ca, tm
         ("ssl:5443:privateKey=/nonexistent.pem", "cannot read /nonexistent.pem"),
         ("ssl:https:privateKey=/k.pem", "expected ssl:PORT"),
         ("ssl:5443:privateKey=/k.pem:method=TLSv1", "unknown ssl: option 'method'"),
-        ("tcp:notaport", "is not a valid endpoint description"),
+        ("ssl:99999:privateKey=/k.pem", "port '99999' is not a port number (0 to 65535)"),
+        ("ssl:5443:privateKey=/k.pem:backlog=many", "backlog='many' is not a whole number"),
+        ("tcp:notaport", "port 'notaport' is not a port number (0 to 65535)"),
+        ("tcp:50x50", "port '50x50' is not a port number (0 to 65535): use tcp:PORT"),
+        ("tcp:70000", "port '70000' is not a port number"),
+        ("tcp:", "port '' is not a port number"),
+        ("tcp", "no port: use tcp:PORT"),
+        ("tcp:port=x", "port 'x' is not a port number"),
+        ("tcp6:5050x", "port '5050x' is not a port number (0 to 65535): use tcp6:PORT"),
+        ("tcp:5050:interface=127.0.0.1:backlog=x", "backlog='x' is not a whole number"),
+        ("tcp:5050:bogus=1", "unknown tcp: option 'bogus' (known: port, interface, backlog)"),
+        ("tcp:5050:interface=127.0.0.1:extra", "interface is given twice"),
+        ("tcp:5050:1.2.3.4:50:more", "unexpected 'more'"),
+        ("unix:/run/txregistry.sock:mode=999", "mode='999' is not an octal number"),
+        ("unix:/run/txregistry.sock:lockfile=yes", "lockfile='yes' is not 0 or 1"),
+        ("systemd:domain=INET", "give exactly one of index= and name="),
+        ("systemd:domain=IPX:index=0", "domain='IPX' is not one of INET, INET6, UNIX"),
+        ("systemd:domain=INET:index=first", "index='first' is not a whole number"),
+        ("systemd:domain=INET:index=7", "systemd passed no such socket"),
+        ("haproxy:tcp:x", "'haproxy:tcp:x': port 'x' is not a port number"),
+        ("5050", "unknown endpoint type '5050': use one of tcp:PORT"),
+        ("TCP:5050", "unknown endpoint type 'TCP'"),
+        ("quic:5050", "unknown endpoint type 'quic'"),
     ],
 )
 def test_bad_descriptions_are_config_errors(description, message):
     with pytest.raises(ConfigError) as caught:
         server_endpoint(MemoryReactorClock(), description)
     assert message in str(caught.value)
+    # What is wrong in words, never the Python error Twisted's parsers raise.
+    for python in ("int()", "literal", "argument", "index out of range", "Traceback"):
+        assert python not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "description",
+    [
+        "tcp:0",
+        "tcp:port=5050:backlog=10",
+        "tcp6:5050:interface=\\:\\:1",
+        "unix:/run/txregistry.sock:mode=660:lockfile=1",
+        "haproxy:tcp:5050",
+    ],
+)
+def test_good_descriptions_pass_the_checks(description):
+    endpoint, tls = server_endpoint(MemoryReactorClock(), description)
+    assert endpoint is not None and tls is None
 
 
 def test_key_that_does_not_match_the_certificate(ca, tmp_path):

@@ -90,6 +90,26 @@ def test_metrics_count_failures_joins_fills_and_the_rate_limit(tmp_path):
     assert value(found, "txregistry_upstream_failures_total", **mirror) == 1
 
 
+def test_the_hit_ratio_counts_only_manifests_and_blobs_answered_with_content(tmp_path):
+    registry = MemoryRegistry(tmp_path)
+    digest = registry.upstream.add_blob(BLOB)
+    registry.upstream.add_manifest("library/alpine", "1", MANIFEST)
+    assert registry.get(f"/v2/alpine/blobs/{digest}").headers["x-cache"] == "MISS"
+    assert registry.get(f"/v2/alpine/blobs/{digest}").headers["x-cache"] == "HIT"
+    assert registry.head(f"/v2/alpine/blobs/{digest}").headers["x-cache"] == "HIT"
+    assert registry.get("/v2/alpine/manifests/1").headers["x-cache"] == "MISS"
+    # Neither hits nor misses: nothing was served, from the cache or not.
+    assert registry.get("/v2/alpine/manifests/missing").status == 404
+    assert registry.get("/v2/alpine/blobs/sha256:" + "0" * 64).status == 404
+    assert registry.get("/v2/alpine/tags/list").status == 200
+    registry.agent.refused.add("registry-1.docker.io")
+    assert registry.get("/v2/alpine/manifests/other").status == 502
+    registry.storage.update_figures()
+    assert (registry.storage.figures.hits, registry.storage.figures.misses) == (2, 2)
+    found, _ = samples(registry)
+    assert value(found, "txregistry_cache_hit_ratio") == 0.5
+
+
 def test_metrics_count_evictions_and_show_the_cache_size(tmp_path):
     registry = MemoryRegistry(tmp_path, size_limit=150_000)
     first = registry.upstream.add_blob(BLOB)

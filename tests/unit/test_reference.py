@@ -41,21 +41,29 @@ def test_bad_digests_are_digest_invalid(text, fragment):
 
 @pytest.mark.parametrize("text", ["latest", "3.20", "17.2-alpine", "_x", "A" * 128])
 def test_valid_tags(text):
-    assert parse_reference(text) == Tag(text)
+    assert parse_reference(text, "library/alpine") == Tag(text) == Tag.parse(text)
 
 
-@pytest.mark.parametrize("text", ["-x", ".x", "a" * 129, "a/b", "a b", "ä"])
-def test_bad_tags_are_tag_invalid(text):
+@pytest.mark.parametrize(
+    "text", ["-x", ".x", ".INVALID_MANIFEST_NAME", "a" * 129, "a/b", "a b", "ä"]
+)
+def test_a_reference_that_is_no_tag_names_an_unknown_manifest(text):
+    # The spec: a manifest that is not found MUST get 404.
     with pytest.raises(RegistryError) as caught:
-        parse_reference(text)
+        parse_reference(text, "library/alpine")
+    assert (caught.value.status, caught.value.code) == (404, "MANIFEST_UNKNOWN")
+    assert "is unknown in library/alpine: it is neither a tag nor a digest" in caught.value.message
+    # A tag given elsewhere (prefetch's argument) is still invalid as such.
+    with pytest.raises(RegistryError) as caught:
+        Tag.parse(text)
     assert (caught.value.status, caught.value.code) == (400, "TAG_INVALID")
 
 
 def test_reference_with_colon_is_a_digest():
-    assert parse_reference(f"sha256:{HEX}") == Digest("sha256", HEX)
+    assert parse_reference(f"sha256:{HEX}", "x") == Digest("sha256", HEX)
     with pytest.raises(RegistryError) as caught:
-        parse_reference("v1:2")
-    assert caught.value.code == "DIGEST_INVALID"
+        parse_reference("v1:2", "x")
+    assert (caught.value.status, caught.value.code) == (400, "DIGEST_INVALID")
 
 
 @pytest.mark.parametrize(

@@ -107,9 +107,9 @@ def cache_command(action: str, config: Config, out: IO[str]) -> int:
         if action == "stats":
             found = _now(upkeep.stats(storage))
             figures, kinds = found.figures, found.by_kind
-            hits, misses = storage.hit_counts()
-            lookups = hits + misses
-            ratio = f"{100 * hits / lookups:.1f}%" if lookups else "-"
+            hits, misses = figures.hits, figures.misses
+            answers = hits + misses
+            ratio = f"{100 * hits / answers:.1f}%" if answers else "-"
             limit = config.cache.size_limit
             print(f"directory   {config.cache.directory}", file=out)
             print(

@@ -116,4 +116,5 @@ def send_error(exchange: Exchange, error: RegistryError) -> None:
         return
     body = error_now(request, error)
     request.responseHeaders.setRawHeaders(b"Content-Length", [str(len(body)).encode("ascii")])
-    exchange.finish(body)
+    # A HEAD answer has the GET's headers and no body (RFC 9110 section 9.3.2).
+    exchange.finish(b"" if exchange.head else body)

@@ -15,7 +15,8 @@ def parse_range(header: bytes | None, size: int) -> tuple[int, int] | None:
     or L{None} to send the whole blob (no header, several ranges, or one we
     cannot parse, which RFC 9110 section 14.2 lets a server ignore).
 
-    @raise RegistryError: 416, if the range starts past the end.
+    @raise RegistryError: 416, if the range starts past the end or ends
+        before it starts.
     """
     if header is None:
         return None
@@ -31,9 +32,10 @@ def parse_range(header: bytes | None, size: int) -> tuple[int, int] | None:
             raise RegistryError.range_not_satisfiable(size)
         return max(0, size - suffix), size
     start = int(first)
-    if last and int(last) < start:
-        return None
-    if start >= size:
+    if start >= size or (last and int(last) < start):
+        # A last byte before the first is an invalid range (RFC 9110 section
+        # 14.1.1): 416, as distribution (Go's http.ServeContent) answers, and
+        # the spec's conformance suite expects ("range 500-0").
         raise RegistryError.range_not_satisfiable(size)
     end = size if not last else min(int(last) + 1, size)
     return start, end

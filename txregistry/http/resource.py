@@ -62,6 +62,16 @@ class RegistryResource(Resource):
         self._clock = clock
 
     def render(self, request: Request) -> bytes | int:
+        body = self._render(request)
+        if request.method == b"HEAD" and isinstance(body, bytes) and body:
+            # A HEAD answer has the GET's headers and no body (RFC 9110
+            # section 9.3.2); Twisted would drop the body itself, with a
+            # log line for every such answer.
+            request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
+            return b""
+        return body
+
+    def _render(self, request: Request) -> bytes | int:
         exchange = Exchange(request, self._clock, self._finished)
         path = request.path
         if path == b"/health":
@@ -87,6 +97,9 @@ class RegistryResource(Resource):
         except RegistryError as e:
             return error_now(request, e)
         exchange.kind = route.kind.value.rstrip("s")
+        if ns is not None and not route.prefix:
+            # The spec's "Registry Proxying": a registry scoped by ns says so.
+            request.responseHeaders.setRawHeaders(b"OCI-Namespace", [ns])
         Deferred.fromCoroutine(self._serve(exchange, route)).addErrback(self._unexpected, exchange)
         return NOT_DONE_YET
 

@@ -83,9 +83,12 @@ class Router:
         else:
             match = _TAGS_RE.fullmatch(rest)
             if match is None:
-                raise RegistryError.not_found(
+                # UNSUPPORTED: the spec's error codes are the only ones a 4xx
+                # JSON body may carry, and none of them means "no such path".
+                raise RegistryError.unsupported(
                     f"no such API path {text[:200]!r}: txregistry serves"
-                    " manifests, blobs, tags/list and referrers"
+                    " manifests, blobs, tags/list and referrers",
+                    status=404,
                 )
             kind, name, ref_text = Kind.TAGS, match["name"], None
 
@@ -97,7 +100,7 @@ class Router:
         reference: Reference | None = None
         if kind is Kind.MANIFEST:
             assert ref_text is not None
-            reference = parse_reference(ref_text)
+            reference = parse_reference(ref_text, repository)
         elif kind in (Kind.BLOB, Kind.REFERRERS):
             assert ref_text is not None
             reference = Digest.parse(ref_text)

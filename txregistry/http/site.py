@@ -108,6 +108,8 @@ class RegistrySite(Site):
     # A plain HTTPChannel, which is what Twisted's HTTPFactory used before it
     # grew HTTP/2 switching; txregistry speaks HTTP/1.1 only.
     protocol = RegistryChannel  # type: ignore[assignment]
+    # Twisted's "Starting factory" line repeats the listener's "listening on".
+    noisy = False
 
     def __init__(
         self,

@@ -69,7 +69,9 @@ class RegistryError(Exception):
 
     @classmethod
     def unsupported(cls, message: str, status: int = 405) -> RegistryError:
-        return cls(status, "UNSUPPORTED", message)
+        # A 405 must say which methods are allowed (RFC 9110 section 15.5.6).
+        headers = {"Allow": "GET, HEAD"} if status == 405 else None
+        return cls(status, "UNSUPPORTED", message, headers=headers)
 
     @classmethod
     def not_found(cls, message: str) -> RegistryError:

@@ -89,14 +89,27 @@ class Tag:
 Reference = Tag | Digest
 
 
-def parse_reference(text: str) -> Reference:
+def parse_reference(text: str, repository: str) -> Reference:
     """
-    Parse the <reference> of a manifest URL: a digest if it contains a colon,
-    which a tag never does, otherwise a tag.
+    Parse the <reference> of a manifest URL in C{repository}: a digest if it
+    contains a colon, which a tag never does, otherwise a tag.
+
+    @raise RegistryError: 400 C{DIGEST_INVALID} for a bad digest; 404
+        C{MANIFEST_UNKNOWN} for anything else that is not a tag.  Such a
+        reference names no manifest any registry can hold, and the spec
+        says a manifest that is not found MUST get 404 ("Pulling
+        manifests"); C{TAG_INVALID} is for a pushed manifest whose tag does
+        not match its URL.
     """
     if ":" in text:
         return Digest.parse(text)
-    return Tag.parse(text)
+    if _TAG_RE.fullmatch(text) is None:
+        raise RegistryError.manifest_unknown(
+            f"manifest {text[:200]!r} is unknown in {repository}: it is neither a tag nor a"
+            " digest, so no registry can hold it; a tag is 1 to 128 letters, digits, '_',"
+            " '.' and '-', not starting with '.' or '-'"
+        )
+    return Tag(text)
 
 
 def validate_name(name: str) -> str:

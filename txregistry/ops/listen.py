@@ -10,6 +10,10 @@ certificate, so C{ssl:} entries are built here from the same syntax:
 TLS 1.2 is the minimum, with Twisted's modern cipher list, and SIGHUP
 rereads the PEM files: new connections get the new certificate, open ones
 keep theirs.
+
+The common types (C{tcp:}, C{tcp6:}, C{unix:}, C{systemd:}) are checked
+here before Twisted parses them, because Twisted's parsers say what is
+wrong as a Python error (C{invalid literal for int() with base 10}).
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IStreamServerEndpoint, IStreamServerEndpointStringParser
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
+from twisted.plugin import getPlugins
 
 from txregistry.config import ConfigError
 
@@ -126,6 +131,145 @@ def _plain(error: Exception) -> str:
     return str(error) or type(error).__name__
 
 
+# The endpoint types checked here before Twisted sees them, so that a
+# mistake is named in words rather than as the Python error Twisted's
+# parsers raise (C{invalid literal for int()}): each type's positional
+# parameters, in order, and its optional ones.
+_PLAIN_TYPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "tcp": (("port",), ("interface", "backlog")),
+    "tcp6": (("port",), ("backlog", "interface")),
+    "unix": (("address",), ("mode", "backlog", "lockfile")),
+    "systemd": (("domain",), ("index", "name")),
+}
+_SYNTAX = {
+    "tcp": "tcp:PORT:interface=ADDRESS",
+    "tcp6": "tcp6:PORT:interface=ADDRESS",
+    "unix": "unix:PATH:mode=666",
+    "systemd": "systemd:domain=INET:index=0 (or name=NAME)",
+    "ssl": "ssl:PORT:privateKey=FILE:certKey=FILE",
+}
+_SYSTEMD_DOMAINS = ("INET", "INET6", "UNIX")
+
+
+def _port(description: str, value: str, syntax: str) -> int:
+    if not value.isdigit() or not 0 <= int(value) <= 65535:
+        raise ConfigError(
+            "", f"{description!r}: port {value!r} is not a port number (0 to 65535): use {syntax}"
+        )
+    return int(value)
+
+
+def _check_integer(description: str, name: str, value: str, base: int = 10) -> None:
+    digits = "01234567" if base == 8 else "0123456789"
+    if not value or any(c not in digits for c in value):
+        kind = "an octal number, as in 660" if base == 8 else "a whole number"
+        raise ConfigError("", f"{description!r}: {name}={value!r} is not {kind}")
+
+
+def _check_plain(description: str, inner: str | None = None) -> None:
+    """
+    Check a C{tcp:}, C{tcp6:}, C{unix:} or C{systemd:} description (or the
+    one C{inner}, within C{haproxy:}) against the parameters its Twisted
+    parser takes.
+
+    @raise ConfigError: naming what is wrong, and the syntax to use.
+    """
+    args, kwargs = split_description(description if inner is None else inner)
+    kind = _type_of(args[0])
+    if kind == "haproxy" and inner is None and len(args) > 1:
+        # haproxy:tcp:5050 wraps another description.
+        _check_plain(description, description.split(":", 1)[1])
+        return
+    if kind not in _PLAIN_TYPES:
+        return
+    positional, optional = _PLAIN_TYPES[kind]
+    syntax = _SYNTAX[kind]
+    names = positional + optional
+    if len(args) - 1 > len(names):
+        extra = args[1 + len(names)]
+        raise ConfigError("", f"{description!r}: unexpected {extra!r}: use {syntax}")
+    values = dict(zip(names, args[1:], strict=False))
+    for name, value in kwargs.items():
+        if name not in names:
+            known = ", ".join(names)
+            raise ConfigError(
+                "",
+                f"{description!r}: unknown {kind}: option {name!r} (known: {known}): use {syntax}",
+            )
+        if name in values:
+            raise ConfigError("", f"{description!r}: {name} is given twice: use {syntax}")
+        values[name] = value
+    missing = [name for name in positional if name not in values]
+    if missing:
+        raise ConfigError("", f"{description!r}: no {missing[0]}: use {syntax}")
+    if "port" in values:
+        _port(description, values["port"], syntax)
+    if "backlog" in values:
+        _check_integer(description, "backlog", values["backlog"])
+    if "mode" in values:
+        _check_integer(description, "mode", values["mode"], base=8)
+    if "lockfile" in values and values["lockfile"] not in ("0", "1"):
+        raise ConfigError("", f"{description!r}: lockfile={values['lockfile']!r} is not 0 or 1")
+    if kind == "systemd":
+        if values["domain"] not in _SYSTEMD_DOMAINS:
+            raise ConfigError(
+                "",
+                f"{description!r}: domain={values['domain']!r} is not one of "
+                f"{', '.join(_SYSTEMD_DOMAINS)}: use {syntax}",
+            )
+        if ("index" in values) == ("name" in values):
+            raise ConfigError(
+                "", f"{description!r}: give exactly one of index= and name=: use {syntax}"
+            )
+        if "index" in values:
+            _check_integer(description, "index", values["index"])
+
+
+_BUILT_IN_TYPES = ("tcp", "unix", "ssl")
+
+
+def _type_of(kind: str) -> str:
+    """
+    An endpoint type as Twisted matches it: its built-in types exactly
+    (C{TCP} is none of them), its plugins' without regard to case.
+    """
+    return kind if kind in _BUILT_IN_TYPES or kind.lower() in _BUILT_IN_TYPES else kind.lower()
+
+
+def _endpoint_types() -> set[str]:
+    """Every endpoint type Twisted can parse here, plugins included."""
+    plugins = getPlugins(IStreamServerEndpointStringParser)
+    return set(_BUILT_IN_TYPES) | {plugin.prefix.lower() for plugin in plugins}
+
+
+def _plain_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """
+    A description other than C{ssl:}, checked here where txregistry knows
+    its type, then built by Twisted.
+    """
+    _check_plain(description)
+    kind = _type_of(split_description(description)[0][0])
+    if kind not in _endpoint_types():
+        raise ConfigError(
+            "",
+            f"{description!r}: unknown endpoint type {kind!r}: "
+            f"use one of {', '.join(_SYNTAX.values())}",
+        )
+    try:
+        return cast(IStreamServerEndpoint, serverFromString(reactor, description))
+    except Exception as e:
+        if kind == "systemd":
+            # Twisted looks the socket up while parsing.
+            problem = (
+                "systemd passed no such socket: run txregistry from a .socket unit "
+                "that provides it, or listen on tcp:PORT"
+            )
+        else:
+            # A type txregistry does not check (a plugin's): Twisted's words.
+            problem = f"Twisted cannot build a {kind!r} endpoint from it: {_plain(e)}"
+        raise ConfigError("", f"{description!r}: {problem}") from None
+
+
 def server_endpoint(
     reactor: Any, description: str
 ) -> tuple[IStreamServerEndpoint, ReloadableTLS | None]:
@@ -136,20 +280,18 @@ def server_endpoint(
     @raise ConfigError: for a description or certificate that cannot be used.
     """
     if not description.startswith("ssl:"):
-        try:
-            return serverFromString(reactor, description), None
-        except Exception as e:
-            raise ConfigError(
-                "", f"{description!r} is not a valid endpoint description: {e}"
-            ) from None
+        return _plain_endpoint(reactor, description), None
     args, kwargs = split_description(description)
     unknown = set(kwargs) - _SSL_KEYS
     if unknown:
         raise ConfigError("", f"{description!r}: unknown ssl: option {sorted(unknown)[0]!r}")
     if len(args) != 2 or not args[1].isdigit():
         raise ConfigError("", f"{description!r}: expected ssl:PORT:privateKey=...:certKey=...")
+    port = _port(description, args[1], _SYNTAX["ssl"])
     if "privateKey" not in kwargs:
         raise ConfigError("", f"{description!r}: needs privateKey=FILE")
+    if "backlog" in kwargs:
+        _check_integer(description, "backlog", kwargs["backlog"])
     chain = kwargs.get("extraCertChain")
     tls = ReloadableTLS(
         Path(kwargs.get("certKey", kwargs["privateKey"])),
@@ -158,7 +300,7 @@ def server_endpoint(
     )
     endpoint = SSL4ServerEndpoint(
         reactor,
-        int(args[1]),
+        port,
         tls,
         backlog=int(kwargs.get("backlog", 50)),
         interface=kwargs.get("interface", ""),

@@ -24,6 +24,23 @@ if TYPE_CHECKING:
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+def counts_as_hit(kind: str, status: int, cache: str) -> bool | None:
+    """
+    How a request counts for the hit ratio: a hit (served from the cache,
+    C{HIT} or C{STALE}), a miss (fetched from the upstream, C{MISS}), or not
+    at all (C{None}).  Only manifests and blobs answered with content count:
+    a 404, a 502 or any other error served nothing, from the cache or not,
+    and tag lists and referrers are never cached.
+    """
+    if kind not in ("manifest", "blob") or not 200 <= status < 300:
+        return None
+    if cache in ("HIT", "STALE"):
+        return True
+    if cache == "MISS":
+        return False
+    return None
+
+
 class _StateCollector(Collector):
     """Reads the parts' own counters at each scrape."""
 
@@ -89,6 +106,15 @@ class _StateCollector(Collector):
             "Bytes of pinned content, which eviction never removes (updated every 15s)",
             value=self._storage.figures.pinned_size,
         )
+        figures = self._storage.figures
+        answers = figures.hits + figures.misses
+        if answers:
+            yield GaugeMetricFamily(
+                "txregistry_cache_hit_ratio",
+                "Share of manifest and blob answers served from the cache (HIT or STALE)"
+                " since the cache was created; errors count as neither (updated every 15s)",
+                value=figures.hits / answers,
+            )
         yield CounterMetricFamily(
             "txregistry_cache_evictions",
             "Entries evicted to stay under the size limit",
@@ -115,11 +141,20 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_StateCollector(cache, upstreams, storage))
+        self._storage = storage
 
     def request_done(self, kind: str, status: int, cache: str, sent: int) -> None:
+        """
+        Count a finished request: in the request counters, and, when it is
+        an answer for the hit ratio, with the storage, where C{txregistry
+        cache stats} reads it.
+        """
         self.requests.labels(kind, str(status), cache.lower() or "none").inc()
         if cache in ("HIT", "STALE"):
             self.served_from_cache.inc(sent)
+        from_cache = counts_as_hit(kind, status, cache)
+        if from_cache is not None:
+            self._storage.count_answer(from_cache)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -158,6 +158,9 @@ class DiskStorage:
         self.evictions = 0
         self.crashed = False
         self.figures = StorageFigures()
+        # Answers counted since they were last written to the index.
+        self._unwritten_hits = 0
+        self._unwritten_misses = 0
         self._exclusive = True
 
     @property
@@ -206,8 +209,10 @@ class DiskStorage:
                 eviction_policy="none",
                 size_limit=1 << 62,
                 cull_limit=0,
-                # Hits and misses, kept across restarts, for "cache stats".
-                statistics=1,
+                # Off: diskcache's statistics count every lookup, failed
+                # requests included, and cost a write each; the hit ratio is
+                # counted per answer instead (count_answer).
+                statistics=0,
             )
             # Beside diskcache's directory, not in it: its check(fix) removes
             # every file it does not know.
@@ -228,6 +233,16 @@ class DiskStorage:
         self.close()
 
     def close(self) -> None:
+        hits, misses = self._take_unwritten()
+        if self._index is not None and (hits or misses):
+            try:
+                self._index.add_answers(hits, misses)
+            except Exception as e:
+                self.log.warn(
+                    "the last {count} answers are not counted in the hit ratio: {error}",
+                    count=hits + misses,
+                    error=str(e),
+                )
         if self._cache is not None:
             self._cache.close()
             self._cache = None
@@ -464,21 +479,36 @@ class DiskStorage:
 
         return self._read(names).addCallback(lambda names: names or [])
 
+    def count_answer(self, from_cache: bool) -> None:
+        if from_cache:
+            self._unwritten_hits += 1
+        else:
+            self._unwritten_misses += 1
+
+    def _take_unwritten(self) -> tuple[int, int]:
+        """
+        The answers counted since the last write, now to be written; called
+        on the reactor thread.  A write that fails loses them: they are
+        statistics, and the disk is failing.
+        """
+        counts = self._unwritten_hits, self._unwritten_misses
+        self._unwritten_hits = self._unwritten_misses = 0
+        return counts
+
     def update_figures(self) -> Deferred[None]:
+        hits, misses = self._take_unwritten()
+
         def figures(cache: diskcache.Cache) -> StorageFigures:
             assert self._index is not None
-            return StorageFigures(*self._index.totals())
+            if hits or misses:
+                self._index.add_answers(hits, misses)
+            return StorageFigures(*self._index.totals(), *self._index.answers())
 
         def keep(figures: StorageFigures | None) -> None:
             if figures is not None:
                 self.figures = figures
 
         return self._read(figures).addCallback(keep)
-
-    def hit_counts(self) -> tuple[int, int]:
-        """Hits and misses since the cache was created (blocking: for the command line)."""
-        hits, misses = self._cache_now().stats()
-        return int(hits), int(misses)
 
     # Upkeep.
 

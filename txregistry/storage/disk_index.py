@@ -1,5 +1,6 @@
 """
-The disk backend's own index: each entry's size, last access and pin.
+The disk backend's own index: each entry's size, last access and pin, and
+the counts of answers behind the hit ratio.
 
 diskcache holds the bytes; eviction needs more than its public API gives:
 an order of least recent use that skips pinned entries, and eviction one
@@ -30,6 +31,10 @@ CREATE TABLE IF NOT EXISTS content (
     pinned INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS content_by_access ON content (pinned, accessed);
+CREATE TABLE IF NOT EXISTS answers (
+    source TEXT PRIMARY KEY,
+    count INTEGER NOT NULL
+);
 """
 # An access time is rewritten at most this often, so that a hot tag does
 # not cost a database write on every request.
@@ -99,6 +104,21 @@ class ContentIndex:
                 " FROM content"
             ).fetchone()
         return int(row[0]), int(row[1]), int(row[2]), int(row[3])
+
+    def add_answers(self, hits: int, misses: int) -> None:
+        """Add to the counts of answers from the cache and from the upstream."""
+        with self._lock:
+            self._db.executemany(
+                "INSERT INTO answers (source, count) VALUES (?, ?)"
+                " ON CONFLICT (source) DO UPDATE SET count = count + excluded.count",
+                [("cache", hits), ("upstream", misses)],
+            )
+
+    def answers(self) -> tuple[int, int]:
+        """Answers from the cache and from the upstream, since the index was created."""
+        with self._lock:
+            counts = dict(self._db.execute("SELECT source, count FROM answers").fetchall())
+        return int(counts.get("cache", 0)), int(counts.get("upstream", 0))
 
     def keys(self, prefix: str = "") -> list[str]:
         with self._lock:

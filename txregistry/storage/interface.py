@@ -124,6 +124,11 @@ class StorageFigures:
     entries: int = 0
     pinned_size: int = 0
     pinned_entries: int = 0
+    # For the hit ratio: manifests and blobs answered from the cache (HIT or
+    # STALE) and from the upstream (MISS), since the cache was created.
+    # Errors count as neither (see L{IStorage.count_answer}).
+    hits: int = 0
+    misses: int = 0
 
 
 class IStagedBlob(Interface):
@@ -221,7 +226,14 @@ class IStorage(Interface):
         """Pin an entry, so that eviction never removes it, or unpin it."""
 
     def update_figures() -> Deferred[None]:
-        """Refresh L{figures}."""
+        """Refresh L{figures}, writing the answers counted since the last time."""
+
+    def count_answer(from_cache: bool) -> None:
+        """
+        Count one manifest or blob answered with content, from the cache or
+        from the upstream, for the hit ratio.  It never blocks: the count is
+        kept with the cache by the next L{update_figures} or L{stop}.
+        """
 
     def entries(kind: str) -> Deferred[list[str]]:
         """The names of every entry of one kind, for upkeep."""

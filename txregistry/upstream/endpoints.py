@@ -18,7 +18,7 @@ from these parts for Twisted's L{Agent}.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,13 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 from twisted.python.failure import Failure
-from twisted.web.client import URI, Agent, HTTPConnectionPool, ProxyAgent
+from twisted.web.client import (
+    URI,
+    Agent,
+    HTTPConnectionPool,
+    ProxyAgent,
+    _HTTP11ClientFactory,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
@@ -236,6 +242,35 @@ class _TunnelProtocol(Protocol):
             )
 
 
+def quiet_factory(protocol: Callable[[], Protocol]) -> Factory[Protocol]:
+    """
+    A factory for one outgoing connection that does not log its start and
+    stop (Twisted's C{Starting factory} lines say nothing the access and
+    mirror lines do not; U{https://github.com/twisted/twisted/issues/9330}).
+    """
+    factory = Factory.forProtocol(protocol)
+    factory.noisy = False
+    return factory
+
+
+class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
+    """The pool's factory for each upstream connection, without its two log lines."""
+
+    noisy = False
+
+
+class QuietConnectionPool(HTTPConnectionPool):
+    """
+    A connection pool whose connections are not announced in the log: Twisted's
+    logs C{Starting factory _HTTP11ClientFactory(...)} and C{Stopping factory}
+    at INFO for every connection it opens and closes
+    (U{https://github.com/twisted/twisted/issues/9330}).  Twisted's own tests
+    replace C{_factory} the same way.
+    """
+
+    _factory = _QuietHTTP11ClientFactory
+
+
 @implementer(IStreamClientEndpoint)
 class TunnelEndpoint:
     """Reaches C{host:port} through an HTTP proxy's CONNECT method (RFC 9110 9.3.6)."""
@@ -249,7 +284,7 @@ class TunnelEndpoint:
 
     def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
         tunnel = _TunnelProtocol(factory, self._target, self._authorization)
-        connected = self._proxy.connect(Factory.forProtocol(lambda: tunnel))
+        connected = self._proxy.connect(quiet_factory(lambda: tunnel))
         return connected.addCallback(lambda _: tunnel.established)
 
 
@@ -426,7 +461,7 @@ def upstream_agent(
     connection pool of its own (TLS settings differ between registries, so
     their connections must not be shared).
     """
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = QuietConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 8
     endpoints = UpstreamEndpoints(reactor, resolver, family, connect_timeout, tls, proxy)
     direct: IAgent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)

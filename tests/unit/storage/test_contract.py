@@ -242,3 +242,16 @@ def test_upkeep_counts_and_evicts_through_the_interface(make: Factory) -> None:
     checked = result(Deferred.fromCoroutine(upkeep.verify(storage)))
     assert checked == (1, [])
     assert result(Deferred.fromCoroutine(upkeep.gc(storage))) == 0
+
+
+def test_answers_are_counted_for_the_hit_ratio_and_kept_across_restarts(make: Factory) -> None:
+    storage = make()
+    for from_cache in (True, True, False):
+        storage.count_answer(from_cache)
+    result(storage.update_figures())
+    assert (storage.figures.hits, storage.figures.misses) == (2, 1)
+    storage.count_answer(True)
+    storage.stop()
+    reopened = make()
+    result(reopened.update_figures())
+    assert (reopened.figures.hits, reopened.figures.misses) == (3, 1)
