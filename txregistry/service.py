@@ -17,7 +17,7 @@ is not running yet, which is the only time twistd can still exit non-zero.
 from __future__ import annotations
 
 import signal
-from typing import Any, cast
+from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -26,9 +26,6 @@ from twisted.internet.interfaces import (
     IHostnameResolver,
     IListeningPort,
     IProtocolFactory,
-    IReactorCore,
-    IReactorThreads,
-    IReactorTime,
     IStreamServerEndpoint,
 )
 from twisted.internet.task import LoopingCall
@@ -47,6 +44,7 @@ from txregistry.ops.listen import ReloadableTLS, server_endpoint
 from txregistry.ops.logs import choose_observer
 from txregistry.ops.metrics import Metrics
 from txregistry.ops.systemd import notify
+from txregistry.reactors import IServiceReactor
 from txregistry.repository.pullthrough import PullThroughCache
 from txregistry.storage.disk import DiskStorage
 from txregistry.storage.interface import IStorage
@@ -123,7 +121,7 @@ class RegistryService(MultiService):
     log = Logger()
 
     def __init__(
-        self, config: Config, reactor: Any, resolver: IHostnameResolver | None = None
+        self, config: Config, reactor: IServiceReactor, resolver: IHostnameResolver | None = None
     ) -> None:
         """
         @param resolver: resolves upstream host names: C{getaddrinfo} in
@@ -134,7 +132,7 @@ class RegistryService(MultiService):
         """
         super().__init__()
         self.config = config
-        self._reactor: IReactorCore = reactor
+        self._reactor = reactor
         self.threadpool = ThreadPool(minthreads=1, maxthreads=4, name="txregistry-storage")
         self.storage: IStorage = DiskStorage(
             config.cache.directory,
@@ -142,7 +140,7 @@ class RegistryService(MultiService):
             in_thread_pool(reactor, self.threadpool),
             spools=threaded_spools(reactor),
         )
-        clock: IReactorTime = reactor
+        clock = reactor
         resolver = resolver or ExplainingResolver.for_reactor(reactor)
         self.upstreams = {
             r.name: Upstream(r, registry_agent(reactor, resolver, r), clock)
@@ -240,7 +238,7 @@ class RegistryService(MultiService):
 
     def _sighup(self, signum: int, frame: Any) -> None:
         # A signal handler must not touch the reactor's state directly.
-        cast(IReactorThreads, self._reactor).callFromThread(self.reload_tls)
+        self._reactor.callFromThread(self.reload_tls)
 
     def reload_tls(self) -> None:
         """Reread every TLS listener's certificate: new connections get the new one."""

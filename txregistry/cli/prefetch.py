@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from txregistry.config import DOCKER_HUB_NAMES, normalize_registry_name
-from txregistry.oci.errors import RegistryError
+from txregistry.oci.errors import RegistryError, error_code_and_message
 from txregistry.oci.mediatypes import INDEX_TYPES, MANIFEST_TYPES
 from txregistry.oci.reference import Digest, Tag, looks_like_registry_host, validate_name
 from txregistry.ops.listen import split_description
@@ -136,11 +136,8 @@ class _Client:
 
 
 def _error_message(body: bytes) -> str:
-    try:
-        error = json.loads(body)["errors"][0]
-        return f"{error['code']}: {error['message']}"
-    except Exception:
-        return body[:200].decode("utf-8", "replace")
+    code, message = error_code_and_message(body)
+    return f"{code}: {message}" if code else message
 
 
 class Progress:

@@ -9,13 +9,13 @@ default), never on the registry's own listeners.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from txregistry.http.exchange import client_host, json_answer
 from txregistry.http.routing import Router
 from txregistry.upstream.client import Upstream
 
@@ -32,17 +32,17 @@ class AdminResource(Resource):
     def render(self, request: Request) -> bytes:
         parts = request.path.decode("ascii", "replace").strip("/").split("/")
         if parts == ["admin", "registries"] and request.method == b"GET":
-            return _json(request, 200, {"registries": self._states()})
+            return _answer(request, 200, {"registries": self._states()})
         if (
             len(parts) == 4
             and parts[:2] == ["admin", "registries"]
             and parts[3] in ("offline", "online")
         ):
             if request.method != b"POST":
-                return _json(request, 405, {"error": "use POST"})
+                return _answer(request, 405, {"error": "use POST"})
             registry = self._router.registry_named(parts[2])
             if registry is None:
-                return _json(
+                return _answer(
                     request, 404, {"error": f"registry {parts[2][:100]!r} is not configured"}
                 )
             upstream = self._upstreams[registry.name]
@@ -51,16 +51,15 @@ class AdminResource(Resource):
                 "registry {name} switched to {mode} mode by an admin request from {client}",
                 name=registry.name,
                 mode=parts[3],
-                client=getattr(request.getClientAddress(), "host", "?"),
+                client=client_host(request),
             )
-            return _json(request, 200, {"registry": registry.name, "offline": upstream.offline})
-        return _json(request, 404, {"error": "no such admin request"})
+            return _answer(request, 200, {"registry": registry.name, "offline": upstream.offline})
+        return _answer(request, 404, {"error": "no such admin request"})
 
     def _states(self) -> dict[str, Any]:
         return {name: {"offline": u.offline} for name, u in self._upstreams.items()}
 
 
-def _json(request: Request, code: int, document: Any) -> bytes:
+def _answer(request: Request, code: int, document: Any) -> bytes:
     request.setResponseCode(code)
-    request.setHeader(b"Content-Type", b"application/json")
-    return json.dumps(document).encode("utf-8")
+    return json_answer(request, document)

@@ -14,14 +14,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from txregistry.http.senders import abort_connection
+from txregistry.http.senders import abort_connection, client_host
 from txregistry.oci.errors import RegistryError
 
-
-def client_host(request: Request) -> str:
-    """The client's address, for logs."""
-    client = request.getClientAddress()
-    return str(getattr(client, "host", client))
+__all__ = ["Exchange", "Finished", "client_host", "error_now", "json_answer", "send_error"]
 
 
 @dataclass(frozen=True)

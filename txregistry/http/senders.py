@@ -149,8 +149,13 @@ class FileSender:
             self._source.release()
 
     def _client(self) -> str:
-        client = self._request.getClientAddress()
-        return str(getattr(client, "host", client))
+        return client_host(self._request)
+
+
+def client_host(request: Request) -> str:
+    """The client's address, for logs."""
+    client = request.getClientAddress()
+    return str(getattr(client, "host", client))
 
 
 @implementer(IPushProducer)

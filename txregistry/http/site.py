@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from twisted.internet.interfaces import IDelayedCall, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -116,7 +116,7 @@ class RegistrySite(Site):
         resource: Resource,
         header_timeout: float = 30.0,
         idle_timeout: float = 300.0,
-        reactor: Any = None,
+        reactor: IReactorTime | None = None,
     ) -> None:
         super().__init__(resource, timeout=idle_timeout, reactor=reactor)
         self.header_timeout = header_timeout

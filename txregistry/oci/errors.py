@@ -13,6 +13,19 @@ import json
 from typing import Any
 
 
+def error_code_and_message(body: bytes) -> tuple[str | None, str]:
+    """
+    The code and message of the first error in an OCI error body, or no
+    code and the body's start when it is not one (a proxy's HTML page).
+    """
+    try:
+        document: Any = json.loads(body)
+        error = document["errors"][0]
+        return str(error.get("code")), str(error.get("message", ""))[:500]
+    except Exception:
+        return None, body[:200].decode("utf-8", "replace").strip()
+
+
 class RegistryError(Exception):
     """
     A failure to report to the client with an HTTP status and an OCI code.

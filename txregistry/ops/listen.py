@@ -18,7 +18,6 @@ wrong as a Python error (C{invalid literal for int() with base 10}).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, cast
 
@@ -32,9 +31,9 @@ from twisted.logger import Logger
 from twisted.plugin import getPlugins
 
 from txregistry.config import ConfigError
+from txregistry.pem import certificate_blocks
 
 MINIMUM_TLS = TLSVersion.TLSv1_2
-_PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 _SSL_KEYS = {"privateKey", "certKey", "extraCertChain", "interface", "backlog"}
 
 
@@ -80,11 +79,11 @@ class ReloadableTLS:
 
     def _load(self) -> CertificateOptions:
         try:
-            blocks = _PEM_CERTIFICATE.findall(self.certificate.read_text())
+            blocks = certificate_blocks(self.certificate.read_text())
             if not blocks:
                 raise ValueError(f"{self.certificate} holds no PEM certificate")
             if self.chain is not None:
-                blocks += _PEM_CERTIFICATE.findall(self.chain.read_text())
+                blocks += certificate_blocks(self.chain.read_text())
             certificates = [x509.load_pem_x509_certificate(block.encode()) for block in blocks]
             key = serialization.load_pem_private_key(self.key.read_bytes(), password=None)
             # cryptography objects: pyOpenSSL deprecates its own X509 and

@@ -34,7 +34,7 @@ from twisted.web.iweb import IAgent, IResponse
 
 from txregistry import __version__
 from txregistry.config import MirrorConfig, RegistryConfig
-from txregistry.oci.errors import RegistryError
+from txregistry.oci.errors import RegistryError, error_code_and_message
 from txregistry.oci.mediatypes import OCI_MANIFEST
 from txregistry.oci.reference import Digest
 from txregistry.upstream.auth import (
@@ -145,16 +145,6 @@ def _declared_media_type(body: bytes) -> str:
 
 def _failed(mirror: str, reason: str) -> _MirrorFailed:
     return _MirrorFailed(Outcome(mirror, reason))
-
-
-def _error_message(body: bytes) -> tuple[str | None, str]:
-    """The code and message of an OCI error body, if it is one."""
-    try:
-        document: Any = json.loads(body)
-        error = document["errors"][0]
-        return str(error.get("code")), str(error.get("message", ""))[:500]
-    except Exception:
-        return None, body[:200].decode("utf-8", "replace").strip()
 
 
 class Upstream:
@@ -443,7 +433,7 @@ class Upstream:
         if 200 <= code < 300:
             return UpstreamResponse(mirror.url, response, method)
         body = b"" if method == b"HEAD" else await _error_body(response)
-        error_code, message = _error_message(body)
+        error_code, message = error_code_and_message(body)
         reason = f"HTTP {code}" + (f": {message}" if message else "")
         raise _MirrorFailed(
             Outcome(

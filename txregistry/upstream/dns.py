@@ -25,6 +25,7 @@ from twisted.internet.interfaces import (
     IAddress,
     IHostnameResolver,
     IHostResolution,
+    IReactorThreads,
     IResolutionReceiver,
 )
 from twisted.internet.threads import deferToThreadPool
@@ -73,7 +74,7 @@ class ExplainingResolver:
         self._getaddrinfo = getaddrinfo
 
     @classmethod
-    def for_reactor(cls, reactor: Any) -> ExplainingResolver:
+    def for_reactor(cls, reactor: IReactorThreads) -> ExplainingResolver:
         """Resolve in the reactor's thread pool, which is started on first use."""
 
         def run(f: Callable[..., Any], /, *args: Any) -> Deferred[Any]:

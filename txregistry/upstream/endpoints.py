@@ -39,8 +39,6 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IProtocol,
     IProtocolFactory,
-    IReactorTCP,
-    IReactorTime,
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -64,6 +62,8 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS, IRe
 from zope.interface import implementer
 
 from txregistry.config import ConfigError, ProxyConfig, ProxyServer, RegistryConfig, Secret
+from txregistry.pem import certificate_blocks
+from txregistry.reactors import IConnectingReactor
 from txregistry.sockets import read_in_large_pieces
 from txregistry.upstream.bodies import TimedOut, within
 from txregistry.upstream.dns import Lookup, lookup, why_no_address
@@ -92,7 +92,7 @@ class FamilyEndpoint:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IConnectingReactor,
         resolver: IHostnameResolver,
         host: str,
         port: int,
@@ -120,7 +120,7 @@ class FamilyEndpoint:
             ) from None
 
     async def _connect(self, factory: IProtocolFactory) -> IProtocol:
-        clock: IReactorTime = self._reactor
+        clock = self._reactor
         deadline = clock.seconds() + self._timeout
         try:
             found = await lookup(self._resolver, self._host, self._port, self._family)
@@ -137,9 +137,11 @@ class FamilyEndpoint:
             endpoint_type = (
                 TCP6ClientEndpoint if isinstance(address, IPv6Address) else TCP4ClientEndpoint
             )
-            tcp: IReactorTCP = self._reactor
             endpoint = endpoint_type(
-                tcp, address.host, self._port, timeout=max(deadline - clock.seconds(), 0.001)
+                self._reactor,
+                address.host,
+                self._port,
+                timeout=max(deadline - clock.seconds(), 0.001),
             )
             try:
                 protocol: IProtocol = await endpoint.connect(factory)
@@ -310,11 +312,13 @@ def load_ca_file(path: Path) -> Any:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"ca_file {str(path)!r}", f"cannot read it: {e.strerror}") from None
-    blocks = re.findall(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", text, re.DOTALL)
+    blocks = certificate_blocks(text)
     if not blocks:
         raise ConfigError(f"ca_file {str(path)!r}", "holds no PEM certificate")
     try:
-        return trustRootFromCertificates([Certificate.loadPEM(block) for block in blocks])
+        return trustRootFromCertificates(
+            [Certificate.loadPEM(block.encode("ascii")) for block in blocks]
+        )
     except Exception as e:
         raise ConfigError(f"ca_file {str(path)!r}", f"holds an invalid certificate: {e}") from None
 
@@ -364,7 +368,7 @@ class UpstreamEndpoints:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IConnectingReactor,
         resolver: IHostnameResolver,
         family: str,
         connect_timeout: float,
@@ -413,7 +417,7 @@ class _PlainProxyRouting:
         self,
         direct: IAgent,
         endpoints: UpstreamEndpoints,
-        reactor: Any,
+        reactor: IConnectingReactor,
         pool: HTTPConnectionPool,
         proxy: ProxyConfig,
     ) -> None:
@@ -449,7 +453,7 @@ class _PlainProxyRouting:
 
 
 def upstream_agent(
-    reactor: Any,
+    reactor: IConnectingReactor,
     resolver: IHostnameResolver,
     family: str,
     connect_timeout: float,
@@ -470,7 +474,9 @@ def upstream_agent(
     return _PlainProxyRouting(direct, endpoints, reactor, pool, proxy)
 
 
-def registry_agent(reactor: Any, resolver: IHostnameResolver, registry: RegistryConfig) -> IAgent:
+def registry_agent(
+    reactor: IConnectingReactor, resolver: IHostnameResolver, registry: RegistryConfig
+) -> IAgent:
     """The agent for one registry's upstream requests, by its settings."""
     tls = MirrorTLSPolicy.for_registry(registry)
     upstream = registry.upstream
