@@ -49,6 +49,7 @@ from txregistry.repository.pullthrough import PullThroughCache
 from txregistry.storage.disk import DiskStorage
 from txregistry.storage.interface import IStorage
 from txregistry.storage.runner import in_thread_pool
+from txregistry.storage.scrub import Scrubber
 from txregistry.storage.staging import threaded_spools
 from txregistry.upstream.client import Upstream
 from txregistry.upstream.dns import ExplainingResolver
@@ -134,12 +135,14 @@ class RegistryService(MultiService):
         self.config = config
         self._reactor = reactor
         self.threadpool = ThreadPool(minthreads=1, maxthreads=4, name="txregistry-storage")
+        run_blocking = in_thread_pool(reactor, self.threadpool)
         self.storage: IStorage = DiskStorage(
             config.cache.directory,
             config.cache.size_limit,
-            in_thread_pool(reactor, self.threadpool),
+            run_blocking,
             spools=threaded_spools(reactor),
         )
+        self.scrubber = Scrubber(self.storage, run_blocking, reactor, config.cache.scrub_rate)
         clock = reactor
         resolver = resolver or ExplainingResolver.for_reactor(reactor)
         self.upstreams = {
@@ -147,7 +150,7 @@ class RegistryService(MultiService):
             for r in config.registries
         }
         self.cache = PullThroughCache(self.storage, self.upstreams, clock, config.cache)
-        self.metrics = Metrics(self.cache, self.upstreams, self.storage)
+        self.metrics = Metrics(self.cache, self.upstreams, self.storage, self.scrubber)
         router = Router(config.registries)
         server = config.server
         resource = RegistryResource(
@@ -221,6 +224,7 @@ class RegistryService(MultiService):
         if self.tls:
             self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
         self._figures.start(15, now=True)
+        self.scrubber.start()
         # Tag answers an earlier version kept are brought into the current
         # layout before we say we are ready, so that a restart onto this
         # version still serves them when the upstream is down.
@@ -283,6 +287,7 @@ class RegistryService(MultiService):
             signal.signal(signal.SIGHUP, self._previous_sighup)
         if self._figures.running:
             self._figures.stop()
+        self.scrubber.stop()
         listeners_stopped = super().stopService()
         return Deferred.fromCoroutine(self._stop(listeners_stopped))
 
@@ -299,6 +304,7 @@ class RegistryService(MultiService):
         cache's state and each mirror's.  It holds no secrets.
         """
         cache = self.storage.describe()
+        cache["scrub"] = self.scrubber.describe()
         status = "ok" if self.storage.status == "ok" else "degraded"
         registries = {name: upstream.describe() for name, upstream in self.upstreams.items()}
         return 200, {

@@ -128,6 +128,11 @@ def cache_command(action: str, config: Config, out: IO[str]) -> int:
                 file=out,
             )
             print(f"hit ratio   {ratio} ({hits} hits, {misses} misses)", file=out)
+            print(
+                f"corrupt     {figures.corrupt_removed} entries removed"
+                " (wrong size or digest, found on reading, by the scrub or by verify)",
+                file=out,
+            )
         elif action == "verify":
             checked, removed = _now(upkeep.verify(storage))
             for key in removed:

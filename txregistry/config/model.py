@@ -75,6 +75,8 @@ class CacheConfig:
         remembered as missing.
     @ivar fill_after_disconnect: whether a download goes on when every
         client that wanted it has gone, so that the next pull is a hit.
+    @ivar scrub_rate: bytes per second the background scrub re-hashes; 0
+        turns it off.
     """
 
     directory: Path
@@ -82,6 +84,7 @@ class CacheConfig:
     tag_ttl: float = 300.0
     negative_ttl: float = 15.0
     fill_after_disconnect: bool = True
+    scrub_rate: int = 4 << 20
 
 
 class Secret:

@@ -356,6 +356,7 @@ def parse_config(
         fill_after_disconnect=cache_table.get(
             "fill_after_disconnect", _boolean, CacheConfig.fill_after_disconnect
         ),
+        scrub_rate=cache_table.get("scrub_rate", parse_size, CacheConfig.scrub_rate),
     )
     cache_table.finish()
 

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from txregistry.repository.pullthrough import PullThroughCache
     from txregistry.storage.interface import IStorage
+    from txregistry.storage.scrub import Scrubber
     from txregistry.upstream.client import Upstream
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -45,11 +46,16 @@ class _StateCollector(Collector):
     """Reads the parts' own counters at each scrape."""
 
     def __init__(
-        self, cache: PullThroughCache, upstreams: dict[str, Upstream], storage: IStorage
+        self,
+        cache: PullThroughCache,
+        upstreams: dict[str, Upstream],
+        storage: IStorage,
+        scrubber: Scrubber | None,
     ) -> None:
         self._cache = cache
         self._upstreams = upstreams
         self._storage = storage
+        self._scrubber = scrubber
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -120,13 +126,34 @@ class _StateCollector(Collector):
             "Entries evicted to stay under the size limit",
             value=self._storage.evictions,
         )
+        yield CounterMetricFamily(
+            "txregistry_cache_corrupt_removed",
+            "Entries removed for failing a check (wrong size or digest): on reading, by the"
+            " scrub or by cache verify, since start",
+            value=self._storage.corrupt_removed,
+        )
+        if self._scrubber is not None:
+            yield CounterMetricFamily(
+                "txregistry_scrub_checked_bytes",
+                "Bytes of cached blobs and manifests re-hashed by the background scrub",
+                value=self._scrubber.checked_bytes,
+            )
+            yield CounterMetricFamily(
+                "txregistry_scrub_passes",
+                "Passes of the background scrub over the whole cache completed",
+                value=self._scrubber.passes,
+            )
 
 
 class Metrics:
     """The metrics of one txregistry, in a registry of their own."""
 
     def __init__(
-        self, cache: PullThroughCache, upstreams: dict[str, Upstream], storage: IStorage
+        self,
+        cache: PullThroughCache,
+        upstreams: dict[str, Upstream],
+        storage: IStorage,
+        scrubber: Scrubber | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -140,7 +167,7 @@ class Metrics:
             "Bytes sent to clients from the cache",
             registry=self.registry,
         )
-        self.registry.register(_StateCollector(cache, upstreams, storage))
+        self.registry.register(_StateCollector(cache, upstreams, storage, scrubber))
         self._storage = storage
 
     def request_done(self, kind: str, status: int, cache: str, sent: int) -> None:

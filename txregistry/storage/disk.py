@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,6 +157,8 @@ class DiskStorage:
         self._index: ContentIndex | None = None
         self.problem: str | None = "not opened yet"
         self.evictions = 0
+        self.corrupt_removed = 0
+        self._corrupt_lock = threading.Lock()
         self.crashed = False
         self.figures = StorageFigures()
         # Answers counted since they were last written to the index.
@@ -274,6 +277,8 @@ class DiskStorage:
         }
         if self.problem is not None:
             description["problem"] = self.problem
+        if self.corrupt_removed:
+            description["corrupt_removed"] = self.corrupt_removed
         return description
 
     # Blobs.
@@ -326,32 +331,35 @@ class DiskStorage:
         cache.set(key, _VerifiedFile(path, size), tag=size)
         return self._added(cache, key, size, pinned)
 
-    def open_blob(self, digest: Digest) -> Deferred[StoredBlob | None]:
-        return self._read(self._open_blob, digest)
+    def open_blob(self, digest: Digest, touch: bool = True) -> Deferred[StoredBlob | None]:
+        return self._read(self._open_blob, digest, touch)
 
-    def _open_blob(self, cache: diskcache.Cache, digest: Digest) -> StoredBlob | None:
+    def _open_blob(self, cache: diskcache.Cache, digest: Digest, touch: bool) -> StoredBlob | None:
         key = _key(BLOB, str(digest))
         file, size = cache.get(key, read=True, tag=True)
         if file is None:
             self._forget_missing(key)
             return None
-        if not isinstance(size, int) or os.fstat(file.fileno()).st_size != size:
-            # A file cut short on disk must never be served.
+        actual = os.fstat(file.fileno()).st_size
+        if not isinstance(size, int) or actual != size:
+            # A file cut short (or grown) on disk must never be served.
             file.close()
-            self._delete(cache, key)
-            self.log.warn(
-                "removed cache entry {digest}: its file has the wrong size", digest=str(digest)
+            self._drop_corrupt(
+                cache, key, f"its file holds {actual} bytes, not the {size} it was stored with"
             )
             return None
-        self._touch(key)
+        if touch:
+            self._touch(key)
         return StoredBlob(LocalFile(file, size), size)
 
     # Manifests.
 
-    def get_manifest(self, digest: Digest) -> Deferred[StoredManifest | None]:
-        return self._read(self._get_manifest, digest)
+    def get_manifest(self, digest: Digest, touch: bool = True) -> Deferred[StoredManifest | None]:
+        return self._read(self._get_manifest, digest, touch)
 
-    def _get_manifest(self, cache: diskcache.Cache, digest: Digest) -> StoredManifest | None:
+    def _get_manifest(
+        self, cache: diskcache.Cache, digest: Digest, touch: bool
+    ) -> StoredManifest | None:
         key = _key(MANIFEST, str(digest))
         try:
             value = cache.get(key)
@@ -360,11 +368,19 @@ class DiskStorage:
                 return None
             media_type, body = value
             manifest = StoredManifest(media_type, body)
-        except (ValueError, TypeError, EOFError, OSError, pickle.UnpicklingError):
+        except (ValueError, TypeError, EOFError, OSError, pickle.UnpicklingError) as e:
             # A corrupt entry is a miss, and is removed.
-            self._delete(cache, key)
+            self._drop_corrupt(cache, key, f"it cannot be read back ({e})")
             return None
-        self._touch(key)
+        # A manifest is small: checking its digest on every read costs
+        # little, and means a changed one is never served (not even by size).
+        hasher = digest.hasher()
+        hasher.update(body)
+        if hasher.hexdigest() != digest.hex:
+            self._drop_corrupt(cache, key, f"its {len(body)} bytes do not match its digest")
+            return None
+        if touch:
+            self._touch(key)
         return manifest
 
     def put_manifest(
@@ -461,6 +477,41 @@ class DiskStorage:
 
         return self._write(remove).addCallback(bool)
 
+    def drop_corrupt(self, kind: str, name: str, problem: str) -> Deferred[bool]:
+        return self._write(self._drop_corrupt, _key(kind, name), problem).addCallback(bool)
+
+    def _drop_corrupt(self, cache: diskcache.Cache, key: str, problem: str) -> bool:
+        where = self._where(cache, key)
+        present = key in cache
+        self._delete(cache, key)
+        with self._corrupt_lock:
+            self.corrupt_removed += 1
+        if self._index is not None:
+            self._index.add_corrupt(1)
+        kind, _, name = key.partition("/")
+        self.log.warn(
+            "removed corrupt cache {kind} {digest} ({path}): {problem};"
+            " it is fetched from the upstream again when pulled",
+            kind=kind,
+            digest=name,
+            path=where,
+            problem=problem,
+        )
+        return present
+
+    def _where(self, cache: diskcache.Cache, key: str) -> str:
+        """The file an entry is kept in, for a log line; small values live in the database."""
+        try:
+            value = cache.get(key, read=True)
+        except Exception:
+            value = None
+        name = getattr(value, "name", None)
+        if hasattr(value, "close"):
+            value.close()
+        if isinstance(name, str):
+            return name
+        return str(self.directory / "store" / diskcache.core.DBNAME)
+
     def pin(self, kind: str, name: str, pinned: bool) -> Deferred[bool]:
         def pin(cache: diskcache.Cache) -> bool:
             assert self._index is not None
@@ -502,7 +553,9 @@ class DiskStorage:
             assert self._index is not None
             if hits or misses:
                 self._index.add_answers(hits, misses)
-            return StorageFigures(*self._index.totals(), *self._index.answers())
+            return StorageFigures(
+                *self._index.totals(), *self._index.answers(), self._index.corrupt()
+            )
 
         def keep(figures: StorageFigures | None) -> None:
             if figures is not None:

@@ -114,6 +114,21 @@ class ContentIndex:
                 [("cache", hits), ("upstream", misses)],
             )
 
+    def add_corrupt(self, count: int) -> None:
+        """Count entries removed for failing a check, in the answers' table of counts."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO answers (source, count) VALUES ('corrupt', ?)"
+                " ON CONFLICT (source) DO UPDATE SET count = count + excluded.count",
+                (count,),
+            )
+
+    def corrupt(self) -> int:
+        """Entries removed for failing a check, since the index was created."""
+        with self._lock:
+            row = self._db.execute("SELECT count FROM answers WHERE source = 'corrupt'").fetchone()
+        return int(row[0]) if row else 0
+
     def answers(self) -> tuple[int, int]:
         """Answers from the cache and from the upstream, since the index was created."""
         with self._lock:

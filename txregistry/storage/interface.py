@@ -129,6 +129,9 @@ class StorageFigures:
     # Errors count as neither (see L{IStorage.count_answer}).
     hits: int = 0
     misses: int = 0
+    # Entries removed for failing a check (wrong size, wrong digest), since
+    # the cache was created (see L{IStorage.drop_corrupt}).
+    corrupt_removed: int = 0
 
 
 class IStagedBlob(Interface):
@@ -181,6 +184,9 @@ class IStorage(Interface):
     status = Attribute("C{ok}, C{degraded} (reads work, writes fail) or C{unavailable}.")
     problem = Attribute("What is wrong, in a sentence with no secrets, or None.")
     evictions = Attribute("How many entries were evicted to keep within the size limit.")
+    corrupt_removed = Attribute(
+        "How many entries were removed since start for failing a check (wrong size or digest)."
+    )
     figures = Attribute("The L{StorageFigures} of the last L{update_figures}.")
 
     def start() -> None:
@@ -205,10 +211,21 @@ class IStorage(Interface):
         @raise OSError: nothing can be written now; the backend is degraded.
         """
 
-    def open_blob(digest: Digest) -> Deferred[StoredBlob | None]:
-        """A stored blob, checked to have the size it was stored with, or None."""
+    def open_blob(digest: Digest, touch: bool = True) -> Deferred[StoredBlob | None]:
+        """
+        A stored blob, checked to have the size it was stored with, or None:
+        one of the wrong size is dropped as corrupt (L{drop_corrupt}).
 
-    def get_manifest(digest: Digest) -> Deferred[StoredManifest | None]: ...
+        @param touch: whether this read counts as a use for eviction; upkeep
+            (the scrub, C{cache verify}) reads with C{False}, so that
+            re-hashing everything does not reorder what is evicted first.
+        """
+
+    def get_manifest(digest: Digest, touch: bool = True) -> Deferred[StoredManifest | None]:
+        """
+        A stored manifest, checked against its digest on every read (it is
+        small), or None: one that fails is dropped as corrupt.
+        """
 
     def put_manifest(
         digest: Digest, manifest: StoredManifest, pinned: bool = False
@@ -221,6 +238,13 @@ class IStorage(Interface):
 
     def remove(kind: str, name: str) -> Deferred[bool]:
         """Remove one entry (C{kind} is L{BLOB}, L{MANIFEST} or L{TAG}), pinned or not."""
+
+    def drop_corrupt(kind: str, name: str, problem: str) -> Deferred[bool]:
+        """
+        Remove an entry that failed a check, log it with its digest, where
+        it was kept and C{problem}, and count it in L{corrupt_removed} and
+        the figures; fires with whether it was there.
+        """
 
     def pin(kind: str, name: str, pinned: bool) -> Deferred[bool]:
         """Pin an entry, so that eviction never removes it, or unpin it."""

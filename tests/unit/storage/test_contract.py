@@ -174,12 +174,12 @@ def test_manifests_and_tags(make: Factory) -> None:
 def test_everything_survives_a_restart(make: Factory) -> None:
     storage = make()
     digest = store_blob(storage, b"persistent")
-    result(storage.put_manifest(digest, StoredManifest("t", b"m")))
+    result(storage.put_manifest(digest, StoredManifest("t", b"persistent")))
     result(storage.put_tag("r/a:1#x", TagEntry(str(digest), "t", 1, 5.0)))
     storage.stop()
     again = make()
     assert read_all(again, digest) == b"persistent"
-    assert result(again.get_manifest(digest)) == StoredManifest("t", b"m")
+    assert result(again.get_manifest(digest)) == StoredManifest("t", b"persistent")
     assert result(again.get_tag("r/a:1#x")) == TagEntry(str(digest), "t", 1, 5.0)
 
 
@@ -221,7 +221,7 @@ def test_pinned_content_is_never_evicted_and_counted_apart(make: Factory, clock:
 def test_entries_and_remove(make: Factory) -> None:
     storage = make()
     digest = store_blob(storage, b"blob")
-    result(storage.put_manifest(digest, StoredManifest("t", b"m")))
+    result(storage.put_manifest(digest, StoredManifest("t", b"blob")))
     result(storage.put_tag("r/a:1#x", TagEntry(str(digest), "t", 1, 5.0)))
     assert result(storage.entries(BLOB)) == [str(digest)]
     assert result(storage.entries(MANIFEST)) == [str(digest)]
