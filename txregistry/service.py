@@ -28,6 +28,7 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IStreamServerEndpoint,
 )
+from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger
 from twisted.python.threadpool import ThreadPool
@@ -40,6 +41,7 @@ from txregistry.http.exchange import Finished
 from txregistry.http.resource import RegistryResource
 from txregistry.http.routing import Router
 from txregistry.http.site import RegistrySite
+from txregistry.ops.files import SELECT_LIMIT, ExhaustionReporter, FileDescriptors, raise_soft_limit
 from txregistry.ops.listen import ReloadableTLS, server_endpoint
 from txregistry.ops.logs import choose_observer
 from txregistry.ops.metrics import Metrics
@@ -62,11 +64,20 @@ class Listener(Service):
     log = Logger()
 
     def __init__(
-        self, description: str, endpoint: IStreamServerEndpoint, factory: IProtocolFactory
+        self,
+        description: str,
+        endpoint: IStreamServerEndpoint,
+        factory: IProtocolFactory,
+        exhaustion: ExhaustionReporter | None = None,
     ) -> None:
+        """
+        @param exhaustion: takes the port's accept failures, so that running
+            out of file descriptors is reported once per interval.
+        """
         self.description = description
         self._endpoint = endpoint
         self._factory = factory
+        self._exhaustion = exhaustion
         self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
@@ -91,6 +102,8 @@ class Listener(Service):
                 f"txregistry: cannot listen on {self.description}: {result.getErrorMessage()}"
             )
         self.port = result
+        if self._exhaustion is not None:
+            self._exhaustion.watch(result)
         self.log.info(
             "listening on {description} ({address})",
             description=self.description,
@@ -143,6 +156,8 @@ class RegistryService(MultiService):
             spools=threaded_spools(reactor),
         )
         self.scrubber = Scrubber(self.storage, run_blocking, reactor, config.cache.scrub_rate)
+        self.files = FileDescriptors(clock=reactor)
+        self.exhaustion = ExhaustionReporter(reactor, self.files)
         clock = reactor
         resolver = resolver or ExplainingResolver.for_reactor(reactor)
         self.upstreams = {
@@ -151,6 +166,7 @@ class RegistryService(MultiService):
         }
         self.cache = PullThroughCache(self.storage, self.upstreams, clock, config.cache)
         self.metrics = Metrics(self.cache, self.upstreams, self.storage, self.scrubber)
+        self.metrics.watch_files(self.files)
         router = Router(config.registries)
         server = config.server
         resource = RegistryResource(
@@ -183,7 +199,7 @@ class RegistryService(MultiService):
                 raise ConfigError(where, e.problem) from None
             if tls is not None:
                 self.tls.append(tls)
-            listener = Listener(description, endpoint, factory)
+            listener = Listener(description, endpoint, factory, self.exhaustion)
             listener.setServiceParent(self)
             listeners.append(listener)
         return listeners
@@ -206,6 +222,10 @@ class RegistryService(MultiService):
         )
         for registry in self.config.registries:
             _log_registry(self.log, registry)
+        # Before any listener binds; a select() reactor cannot use more.
+        raise_soft_limit(
+            self.files, SELECT_LIMIT if isinstance(self._reactor, SelectReactor) else None
+        )
         for tls in self.tls:
             self.log.info(
                 "TLS certificate {path}: {subject}, valid until {expires}",
@@ -288,6 +308,7 @@ class RegistryService(MultiService):
         if self._figures.running:
             self._figures.stop()
         self.scrubber.stop()
+        self.exhaustion.stop()
         listeners_stopped = super().stopService()
         return Deferred.fromCoroutine(self._stop(listeners_stopped))
 
@@ -306,12 +327,18 @@ class RegistryService(MultiService):
         cache = self.storage.describe()
         cache["scrub"] = self.scrubber.describe()
         status = "ok" if self.storage.status == "ok" else "degraded"
+        files = self.files.describe()
+        if self.files.exhausted_recently():
+            # Clients are being turned away at the door.
+            status = "degraded"
+            files["problem"] = "out of file descriptors recently: connections were refused"
         registries = {name: upstream.describe() for name, upstream in self.upstreams.items()}
         return 200, {
             "status": status,
             "version": __version__,
             "cache": cache,
             "registries": registries,
+            "file_descriptors": files,
         }
 
 

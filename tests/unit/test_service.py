@@ -111,5 +111,12 @@ def test_health_reports_a_degraded_cache(tmp_path):
         "directory": str(tmp_path / "cache"),
         "status": "degraded",
         "problem": "cannot write to the cache: No space left on device",
+        "scrub": {
+            "state": "waiting",
+            "rate": 4 << 20,
+            "passes": 0,
+            "checked_bytes": 0,
+            "corrupt_removed": 0,
+        },
     }
     service.storage.close()

@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from txregistry.ops.files import FileDescriptors
     from txregistry.repository.pullthrough import PullThroughCache
     from txregistry.storage.interface import IStorage
     from txregistry.storage.scrub import Scrubber
@@ -145,6 +146,30 @@ class _StateCollector(Collector):
             )
 
 
+class _FilesCollector(Collector):
+    """File descriptors: the limit, how many are open, and connections refused for want of one."""
+
+    def __init__(self, files: FileDescriptors) -> None:
+        self._files = files
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "txregistry_fd_limit",
+            "The soft limit of open file descriptors (RLIMIT_NOFILE)",
+            value=self._files.soft_limit,
+        )
+        in_use = self._files.in_use()
+        if in_use is not None:
+            yield GaugeMetricFamily(
+                "txregistry_open_fds", "File descriptors open now", value=in_use
+            )
+        yield CounterMetricFamily(
+            "txregistry_fd_exhaustion",
+            "Connections that could not be accepted for want of a file descriptor",
+            value=self._files.refused_total,
+        )
+
+
 class Metrics:
     """The metrics of one txregistry, in a registry of their own."""
 
@@ -169,6 +194,10 @@ class Metrics:
         )
         self.registry.register(_StateCollector(cache, upstreams, storage, scrubber))
         self._storage = storage
+
+    def watch_files(self, files: FileDescriptors) -> None:
+        """Report the process's file descriptors too."""
+        self.registry.register(_FilesCollector(files))
 
     def request_done(self, kind: str, status: int, cache: str, sent: int) -> None:
         """
