@@ -9,7 +9,9 @@ from txregistry.cli.doctor import Check, MirrorReport, conclude, render
 from txregistry.cli.main import cache_command, check_config
 from txregistry.cli.prefetch import ImageRef, PrefetchError, parse_image_ref, server_from_listen
 from txregistry.config import CacheConfig, Config, MirrorConfig, RegistryConfig
+from txregistry.oci.reference import Digest
 from txregistry.storage.disk import DiskStorage
+from txregistry.storage.interface import StoredManifest
 from txregistry.storage.runner import run_inline
 from txregistry.upstream.dns import Lookup
 
@@ -185,3 +187,17 @@ def test_cache_stats_shows_the_hit_ratio_of_answers(tmp_path):
     config = Config(cache=CacheConfig(tmp_path / "cache"), registries=())
     assert cache_command("stats", config, out) == 0
     assert "hit ratio   66.7% (2 hits, 1 misses)" in out.getvalue().splitlines()
+
+
+def test_cache_stats_counts_the_corrupt_entries_removed(tmp_path):
+    storage = DiskStorage(tmp_path / "cache", 1 << 30, run_inline)
+    storage.start()
+    bad = Digest.of(b"was")
+    storage.put_manifest(bad, StoredManifest("t", b"now"))
+    assert storage.get_manifest(bad).result is None
+    storage.stop()
+    out = io.StringIO()
+    config = Config(cache=CacheConfig(tmp_path / "cache"), registries=())
+    assert cache_command("stats", config, out) == 0
+    lines = out.getvalue().splitlines()
+    assert any(line.startswith("corrupt     1 entries removed") for line in lines)

@@ -561,3 +561,17 @@ def test_no_proxy_matching(host, bypassed):
     )
     assert (proxy.for_url("https", host) is None) == bypassed
     assert ProxyConfig(https=ProxyServer("p", 1), no_proxy=("*",)).for_url("https", host) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "rate"), [('"8MiB"', 8 << 20), ("0", 0), ('"512KiB"', 512 << 10)]
+)
+def test_scrub_rate(tmp_path, value, rate):
+    config = load_config(write(tmp_path, f"[cache]\nscrub_rate = {value}\n"), environ={})
+    assert config.cache.scrub_rate == rate
+
+
+def test_the_scrub_runs_at_4_mib_a_second_by_default(tmp_path):
+    assert load_config(write(tmp_path, ""), environ={}).cache.scrub_rate == 4 << 20
+    message = config_error(tmp_path, '[cache]\nscrub_rate = "fast"\n')
+    assert "cache.scrub_rate: 'fast' is not a size" in message
