@@ -14,6 +14,7 @@ trickle of reads and a small one is not re-read all day.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -41,9 +42,20 @@ class Scrubber:
     log = Logger()
 
     def __init__(
-        self, storage: IStorage, run: BlockingRunner, clock: IReactorTime, rate: int
+        self,
+        storage: IStorage,
+        run: BlockingRunner,
+        clock: IReactorTime,
+        rate: int,
+        choose: random.Random | None = None,
     ) -> None:
+        """
+        @param choose: where in the cache each pass begins: at random, so
+            that a service restarted more often than a pass takes still
+            reaches every entry in time (no position is kept across restarts).
+        """
         self._storage = storage
+        self._choose = choose or random.Random()
         self._run = run
         self._clock = clock
         self.rate = rate
@@ -88,23 +100,28 @@ class Scrubber:
         """One pass over every blob and manifest there is when it starts."""
         self.state = "scrubbing"
         checked = dropped = 0
+        entries = []
         for kind in (BLOB, MANIFEST):
-            for name in await self._storage.entries(kind):
-                outcome = await check(
-                    self._storage,
-                    self._run,
-                    kind,
-                    Digest.parse(name),
-                    self._pace,
-                    min(READ_SIZE, self._per_tick),
-                )
-                if outcome is GONE:
-                    continue
-                checked += 1
-                self.checked_entries += 1
-                if outcome is DROPPED:
-                    dropped += 1
-                    self.dropped += 1
+            entries += [(kind, name) for name in await self._storage.entries(kind)]
+        if entries:
+            start = self._choose.randrange(len(entries))
+            entries = entries[start:] + entries[:start]
+        for kind, name in entries:
+            outcome = await check(
+                self._storage,
+                self._run,
+                kind,
+                Digest.parse(name),
+                self._pace,
+                min(READ_SIZE, self._per_tick),
+            )
+            if outcome is GONE:
+                continue
+            checked += 1
+            self.checked_entries += 1
+            if outcome is DROPPED:
+                dropped += 1
+                self.dropped += 1
         self.passes += 1
         self.last_pass_finished = self._clock.seconds()
         self.log.info(
