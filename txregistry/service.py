@@ -322,7 +322,10 @@ class RegistryService(MultiService):
     def health(self) -> tuple[int, dict[str, Any]]:
         """
         What C{/health} says: 200 once listening with the cache open, the
-        cache's state and each mirror's.  It holds no secrets.
+        cache's state and each mirror's.  It holds no secrets.  The status
+        is C{degraded} when the cache cannot store, file descriptors ran
+        out recently, or a registry has no usable mirror; the HTTP status stays 200 since cached content is
+        still served, and restarting would not bring an upstream back.
         """
         cache = self.storage.describe()
         cache["scrub"] = self.scrubber.describe()
@@ -333,13 +336,19 @@ class RegistryService(MultiService):
             status = "degraded"
             files["problem"] = "out of file descriptors recently: connections were refused"
         registries = {name: upstream.describe() for name, upstream in self.upstreams.items()}
-        return 200, {
+        unavailable = sorted(n for n, r in registries.items() if r["status"] == "unavailable")
+        if unavailable:
+            status = "degraded"
+        document: dict[str, Any] = {
             "status": status,
             "version": __version__,
             "cache": cache,
             "registries": registries,
             "file_descriptors": files,
         }
+        if unavailable:
+            document["unavailable_registries"] = unavailable
+        return 200, document
 
 
 def _log_registry(log: Logger, registry: RegistryConfig) -> None:

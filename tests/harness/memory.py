@@ -319,6 +319,8 @@ class Response:
     body: bytes
     complete: bool
     aborted: bool
+    # The status line's reason phrase: all some clients print of an error.
+    reason: str = ""
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -416,7 +418,11 @@ class Client:
     def response(self) -> Response:
         raw = getattr(self.transport, "delivered", b"") + self.transport.value()
         status, headers, body, complete = parse_response(raw, self._head)
-        return Response(status, headers, body, complete, bool(self.transport.disconnected))
+        status_line = raw.split(b"\r\n", 1)[0].decode("latin-1")
+        reason = status_line.split(" ", 2)[2] if status_line.count(" ") >= 2 else ""
+        return Response(
+            status, headers, body, complete, bool(self.transport.disconnected), reason
+        )
 
     def disconnect(self) -> None:
         """The client goes away, as a real TCP transport reports it."""

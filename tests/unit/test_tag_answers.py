@@ -229,7 +229,7 @@ class TestAClientThatAcceptsNeither:
         assert response.json()["errors"][0]["message"] == (
             "registry docker.io is in offline mode, and library/alpine:3.20 is cached only as"
             f" {OCI_INDEX}, which the request's Accept header ('{DOCKER_MANIFEST}') does not"
-            " include"
+            " include (an admin can switch it back: POST /admin/registries/docker.io/online)"
         )
         assert registry.get(TAG, {"Accept": CURL}).headers["x-cache"] == "HIT"
 

@@ -167,9 +167,13 @@ class TestOffline:
         assert (blob.body, blob.headers["x-cache"]) == (BLOB, "HIT")
         missing = registry.get("/v2/alpine/manifests/2")
         assert missing.status == 503
-        assert missing.json()["errors"][0]["message"] == (
+        message = (
             "registry docker.io is in offline mode, and library/alpine:2 is not in the cache"
+            " (an admin can switch it back: POST /admin/registries/docker.io/online)"
         )
+        assert missing.json()["errors"][0]["message"] == message
+        # The Go clients print a 5xx's status line, not its body.
+        assert missing.reason == message
         assert registry.get(f"/v2/alpine/blobs/sha256:{'0' * 64}").status == 503
         assert len(registry.agent.sent) == asked
 

@@ -95,7 +95,7 @@ def json_answer(request: Request, document: Any) -> bytes:
 
 
 def error_now(request: Request, error: RegistryError) -> bytes:
-    request.setResponseCode(error.status)
+    request.setResponseCode(error.status, error.reason_phrase())
     for name, value in error.headers.items():
         request.responseHeaders.setRawHeaders(name, [value.encode("latin-1")])
     request.responseHeaders.setRawHeaders(b"Content-Type", [b"application/json"])

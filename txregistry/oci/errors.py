@@ -12,6 +12,24 @@ from __future__ import annotations
 import json
 from typing import Any
 
+# A reason phrase is a diagnostic on one line, not a document: cut it here.
+MAX_REASON_PHRASE = 500
+
+
+def reason_phrase(text: str) -> bytes:
+    """
+    C{text} made fit for an HTTP/1.1 status line's reason phrase (RFC 9112
+    section 4: spaces and visible ASCII): control characters become
+    spaces, other characters are escaped, and it is cut to
+    L{MAX_REASON_PHRASE} bytes.
+    """
+    printable = "".join(c if " " <= c <= "~" else " " if c.isspace() else c for c in text)
+    phrase = " ".join(printable.split()).encode("ascii", "backslashreplace")
+    phrase = bytes(b if 0x20 <= b <= 0x7E else 0x3F for b in phrase)
+    if len(phrase) > MAX_REASON_PHRASE:
+        phrase = phrase[: MAX_REASON_PHRASE - 3] + b"..."
+    return phrase
+
 
 def error_code_and_message(body: bytes) -> tuple[str | None, str]:
     """
@@ -31,6 +49,12 @@ class RegistryError(Exception):
     A failure to report to the client with an HTTP status and an OCI code.
 
     @ivar headers: extra response headers, such as C{Retry-After}.
+    @ivar in_status_line: whether the message is also sent as the status
+        line's reason phrase.  By default it is for every 5xx: the Go
+        clients (containers/image in skopeo and podman, Docker's
+        distribution client, containerd) parse the error body of a 4xx
+        only, and print the status line, reason phrase included, for
+        anything else; a HEAD answer has no body at all.
     """
 
     def __init__(
@@ -40,6 +64,7 @@ class RegistryError(Exception):
         message: str,
         detail: Any = None,
         headers: dict[str, str] | None = None,
+        in_status_line: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -47,6 +72,11 @@ class RegistryError(Exception):
         self.message = message
         self.detail = detail
         self.headers = dict(headers or {})
+        self.in_status_line = status >= 500 if in_status_line is None else in_status_line
+
+    def reason_phrase(self) -> bytes | None:
+        """The status line's reason phrase, or L{None} for the standard one."""
+        return reason_phrase(self.message) if self.in_status_line else None
 
     def body(self) -> bytes:
         """The OCI error JSON for this error."""
@@ -104,13 +134,17 @@ class RegistryError(Exception):
     def upstream_unavailable(cls, registry: str, failures: list[tuple[str, str]]) -> RegistryError:
         """
         A 502 that says which upstream failed and why, so that the person
-        at the client can tell a DNS problem from a refused connection.
+        at the client can tell a DNS problem from a refused connection,
+        and where to look next.  The status stays 502 so that clients
+        with mirrors of their own fall back to the next one.
         """
         reasons = "; ".join(f"{mirror}: {reason}" for mirror, reason in failures)
         return cls(
             502,
             "UNAVAILABLE",
-            f"upstream registry {registry} is unavailable: {reasons}",
+            f"upstream registry {registry} is unavailable: {reasons}"
+            " (only cached content is served until a mirror answers;"
+            " see the cache's /health or run 'txregistry doctor' on its host)",
             detail={
                 "registry": registry,
                 "mirrors": [{"mirror": mirror, "error": reason} for mirror, reason in failures],

@@ -74,7 +74,14 @@ class _StateCollector(Collector):
             "The last ratelimit-remaining Docker Hub sent",
             labels=["registry"],
         )
+        usable = GaugeMetricFamily(
+            "txregistry_registry_usable",
+            "1 if a mirror that resolves tags is usable (not backing off, last request"
+            " answered), 0 if none is; /health then says degraded",
+            labels=["registry"],
+        )
         for name, upstream in self._upstreams.items():
+            usable.add_metric([name], 1 if upstream.mirrors.usable() else 0)
             for state in upstream.mirrors.states:
                 requests.add_metric([name, state.mirror.url], state.requests)
                 failures.add_metric([name, state.mirror.url], state.failures_total)
@@ -82,6 +89,7 @@ class _StateCollector(Collector):
                 ratelimit.add_metric([name], upstream.ratelimit_remaining)
         yield requests
         yield failures
+        yield usable
         yield ratelimit
         yield CounterMetricFamily(
             "txregistry_upstream_fetched_bytes",

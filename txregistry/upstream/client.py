@@ -292,14 +292,32 @@ class Upstream:
             ) from None
 
     def describe(self) -> dict[str, Any]:
-        """This registry's upstream state for C{/health}: no secrets."""
+        """
+        This registry's upstream state for C{/health}: no secrets.  Its
+        C{status} is C{unavailable} when no mirror that resolves tags is
+        usable (see L{MirrorSet.usable}), so that a monitor sees a dead
+        upstream before users do; C{offline} when an admin chose so.
+        """
         description: dict[str, Any] = {
+            "status": self.status(),
             "offline": self.offline,
             "mirrors": self.mirrors.describe(),
         }
+        if description["status"] == "unavailable":
+            description["reason"] = (
+                "no usable mirror: every mirror that resolves tags is backing off or failed"
+                " its last request (see each mirror's last_error); cached content is still"
+                " served, new pulls by tag fail"
+            )
         if self.registry.credentials is not None:
             description["user"] = self.registry.credentials.username
         return description
+
+    def status(self) -> str:
+        """C{ok}, C{offline} (an admin's choice) or C{unavailable} (no usable mirror)."""
+        if self.offline:
+            return "offline"
+        return "ok" if self.mirrors.usable() else "unavailable"
 
     async def _across_mirrors(
         self,

@@ -38,6 +38,8 @@ class UpstreamRefused(Exception):
             REFUSED_CODES[self.status],
             f"upstream {self.mirror} refused the request: {self.message}",
             headers=headers,
+            # containerd asks with HEAD first, whose answer has no body.
+            in_status_line=True,
         )
 
 
@@ -61,7 +63,10 @@ class UpstreamOffline(UpstreamUnavailable):
 
     def as_registry_error(self, what: str = "the content asked for is not cached") -> RegistryError:
         return RegistryError(
-            503, "UNAVAILABLE", f"registry {self.registry} is in offline mode, and {what}"
+            503,
+            "UNAVAILABLE",
+            f"registry {self.registry} is in offline mode, and {what}"
+            f" (an admin can switch it back: POST /admin/registries/{self.registry}/online)",
         )
 
 

@@ -88,6 +88,14 @@ class MirrorState:
     def backing_off(self, now: float) -> bool:
         return now < self.skip_until
 
+    def usable(self, now: float) -> bool:
+        """
+        Whether a request to it is expected to work: its last request got a
+        usable answer (or it has not been asked yet) and it is not backing
+        off.  One failure is enough to doubt it, as the next success clears it.
+        """
+        return self.failures == 0 and not self.backing_off(now)
+
     def failed(self, now: float, reason: str) -> None:
         self.failures += 1
         self.last_error = reason
@@ -152,6 +160,15 @@ class MirrorSet:
             state.failed(self._clock.seconds(), outcome.reason)
         else:
             state.answered()
+
+    def usable(self) -> bool:
+        """
+        Whether one of the mirrors that resolve tags is usable: without
+        one, no new image can be pulled by tag, whatever the digest-only
+        mirrors can do.
+        """
+        now = self._clock.seconds()
+        return any(s.usable(now) for s in self.states if s.mirror.resolve_tags)
 
     def describe(self) -> list[dict[str, Any]]:
         now = self._clock.seconds()
