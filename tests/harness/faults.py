@@ -11,7 +11,8 @@ not-yet-used fault whose C{path} is in the request line.
  - C{stall}: forward C{at} bytes of the body, then nothing more, for ever;
  - C{trickle}: forward the body C{chunk} bytes at a time, C{interval}
    seconds apart;
- - C{reset}: abort the connection before sending a byte of the response.
+ - C{reset}: abort the connection before sending a byte of the response;
+ - C{hang}: read the request, and never answer or close.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ class _FromClient(Protocol):
                 break
         if self.fault is not None and self.fault.kind == "reset":
             self.transport.abortConnection()
+            return
+        if self.fault is not None and self.fault.kind == "hang":
             return
         kept = [line for line in lines if not line.lower().startswith(b"connection:")]
         self.request = b"\r\n".join([*kept, b"Connection: close"]) + b"\r\n\r\n" + rest

@@ -420,9 +420,7 @@ class Client:
         status, headers, body, complete = parse_response(raw, self._head)
         status_line = raw.split(b"\r\n", 1)[0].decode("latin-1")
         reason = status_line.split(" ", 2)[2] if status_line.count(" ") >= 2 else ""
-        return Response(
-            status, headers, body, complete, bool(self.transport.disconnected), reason
-        )
+        return Response(status, headers, body, complete, bool(self.transport.disconnected), reason)
 
     def disconnect(self) -> None:
         """The client goes away, as a real TCP transport reports it."""

@@ -305,9 +305,9 @@ class Upstream:
         }
         if description["status"] == "unavailable":
             description["reason"] = (
-                "no usable mirror: every mirror that resolves tags is backing off or failed"
-                " its last request (see each mirror's last_error); cached content is still"
-                " served, new pulls by tag fail"
+                "no usable mirror: every mirror that resolves tags is backing off or has"
+                " failed repeatedly since its last answer (see each mirror's last_error);"
+                " cached content is still served, new pulls by tag fail"
             )
         if self.registry.credentials is not None:
             description["user"] = self.registry.credentials.username

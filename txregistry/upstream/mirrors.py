@@ -90,11 +90,13 @@ class MirrorState:
 
     def usable(self, now: float) -> bool:
         """
-        Whether a request to it is expected to work: its last request got a
-        usable answer (or it has not been asked yet) and it is not backing
-        off.  One failure is enough to doubt it, as the next success clears it.
+        Whether a request to it is expected to work: it is not backing
+        off, and has not failed L{FAILURES_BEFORE_BACKOFF} times in a row
+        since its last usable answer.  One failure is a blip; the failures
+        that made it back off count until it answers again, even once the
+        backoff has run out, as nothing has shown it is back.
         """
-        return self.failures == 0 and not self.backing_off(now)
+        return self.failures < FAILURES_BEFORE_BACKOFF and not self.backing_off(now)
 
     def failed(self, now: float, reason: str) -> None:
         self.failures += 1
