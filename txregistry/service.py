@@ -324,8 +324,9 @@ class RegistryService(MultiService):
         What C{/health} says: 200 once listening with the cache open, the
         cache's state and each mirror's.  It holds no secrets.  The status
         is C{degraded} when the cache cannot store, file descriptors ran
-        out recently, or a registry has no usable mirror; the HTTP status stays 200 since cached content is
-        still served, and restarting would not bring an upstream back.
+        out recently, or a registry has no usable mirror; the HTTP status
+        stays 200 since cached content is still served, and restarting
+        would not bring an upstream back.
         """
         cache = self.storage.describe()
         cache["scrub"] = self.scrubber.describe()
