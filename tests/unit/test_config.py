@@ -11,6 +11,7 @@ from txregistry.config import (
     Config,
     ConfigError,
     Credentials,
+    FleetConfig,
     MirrorConfig,
     ProxyConfig,
     ProxyServer,
@@ -575,3 +576,49 @@ def test_the_scrub_runs_at_4_mib_a_second_by_default(tmp_path):
     assert load_config(write(tmp_path, ""), environ={}).cache.scrub_rate == 4 << 20
     message = config_error(tmp_path, '[cache]\nscrub_rate = "fast"\n')
     assert "cache.scrub_rate: 'fast' is not a size" in message
+
+
+FLEET = """
+[fleet]
+self = "http://10.0.0.5:5050"
+peers = ["http://10.0.0.5:5050", "HTTP://10.0.0.6:5050/", "http://10.0.0.7:5050"]
+"""
+
+
+def test_fleet_lists_the_other_peers_normalized(tmp_path):
+    fleet = load_config(write(tmp_path, FLEET), environ={}).fleet
+    assert fleet == FleetConfig(
+        "http://10.0.0.5:5050", ("http://10.0.0.6:5050", "http://10.0.0.7:5050")
+    )
+    assert fleet.enabled
+    assert not load_config(write(tmp_path, ""), environ={}).fleet.enabled
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            'self = "10.0.0.5:5050"\npeers = ["http://a:1"]',
+            "fleet.self: '10.0.0.5:5050' must start with",
+        ),
+        (
+            'self = "http://a:1/v2"\npeers = ["http://b:1"]',
+            "fleet.self: 'http://a:1/v2' must be a bare",
+        ),
+        (
+            'self = "http://a:1"\npeers = ["http://b:1", "http://B:1/"]',
+            "fleet.peers[1]: 'http://B:1/' is listed twice",
+        ),
+        (
+            'self = "http://a:1"\npeers = ["http://a:1", "http://a:1"]',
+            "fleet.peers[1]: 'http://a:1' is listed twice",
+        ),
+        ('self = "http://a:1"\npeers = ["ftp://b"]', "fleet.peers[0]: 'ftp://b' must start with"),
+        ('self = "http://a:1"\npeers = "http://b:1"', "fleet.peers: expected a list of strings"),
+        ('peers = ["http://b:1"]', "fleet.self: is required with peers"),
+        ('self = "http://a:1"', "fleet.peers: is required with self"),
+        ('self = "http://a:1"\npeers = ["http://b:1"]\nowner = "x"', "fleet.owner: unknown key"),
+    ],
+)
+def test_bad_fleet_keys_are_named(tmp_path, text, message):
+    assert message in config_error(tmp_path, "[fleet]\n" + text)

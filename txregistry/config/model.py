@@ -283,6 +283,24 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """
+    The C{[fleet]} table: the txregistry nodes that share upstream fetches.
+
+    @ivar self_url: this node's URL, as its peers reach it.
+    @ivar peers: the other nodes' URLs (without this node's, which the file
+        may list too), in the file's order.  Empty: no fleet.
+    """
+
+    self_url: str | None = None
+    peers: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return self.self_url is not None and bool(self.peers)
+
+
+@dataclass(frozen=True)
 class Config:
     """
     The whole configuration.
@@ -295,6 +313,7 @@ class Config:
     registries: tuple[RegistryConfig, ...]
     server: ServerConfig = field(default_factory=ServerConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     source: str | None = None
 
     @property

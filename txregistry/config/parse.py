@@ -26,6 +26,7 @@ from txregistry.config.model import (
     Config,
     ConfigError,
     Credentials,
+    FleetConfig,
     LogConfig,
     MirrorConfig,
     ProxyConfig,
@@ -312,6 +313,39 @@ def _check_registries(registries: list[RegistryConfig], where: str) -> None:
         raise ConfigError(where, f"only one registry can be the default, not {defaults}")
 
 
+def _fleet(table: _Table) -> FleetConfig:
+    """
+    The C{[fleet]} table.  Peers are compared as normalized URLs, so that
+    C{http://A:5050/} and C{http://a:5050} are one peer; this node's own
+    URL may be in the list (one list for the whole fleet), and is taken out.
+    """
+    self_url = table.get("self", lambda v: parse_mirror_url(_string(v)), None)
+    listed = table.get("peers", _strings, ())
+    peers: list[str] = []
+    for i, text in enumerate(listed):
+        where = f"{table.where('peers')}[{i}]"
+        try:
+            url = parse_mirror_url(text)
+        except ValueError as e:
+            raise ConfigError(where, str(e)) from None
+        if url in peers or (url == self_url and listed.index(text) != i):
+            raise ConfigError(where, f"{text!r} is listed twice: list each peer once")
+        if url != self_url:
+            peers.append(url)
+    if self_url is None and listed:
+        raise ConfigError(
+            table.where("self"),
+            "is required with peers: set it to this node's URL as its peers reach it,"
+            ' as in "http://10.0.0.5:5050"',
+        )
+    if self_url is not None and not listed:
+        raise ConfigError(
+            table.where("peers"),
+            "is required with self: list the URLs of every node of the fleet",
+        )
+    return FleetConfig(self_url, tuple(peers))
+
+
 def parse_config(
     data: dict[str, Any], source: str | None = None, environ: Mapping[str, str] = os.environ
 ) -> Config:
@@ -389,12 +423,17 @@ def parse_config(
         _check_registries(parsed, "registry")
         registries = tuple(parsed)
 
+    fleet_table = top.table("fleet")
+    fleet = _fleet(fleet_table)
+    fleet_table.finish()
+
     top.finish()
     return Config(
         server=server,
         cache=cache,
         registries=registries,
         log=log,
+        fleet=fleet,
         source=source,
     )
 
