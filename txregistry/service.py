@@ -32,6 +32,7 @@ from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger
 from twisted.python.threadpool import ThreadPool
+from twisted.web.iweb import IAgent
 from twisted.web.server import Site
 
 from txregistry import __version__
@@ -55,7 +56,8 @@ from txregistry.storage.scrub import Scrubber
 from txregistry.storage.staging import threaded_spools
 from txregistry.upstream.client import Upstream
 from txregistry.upstream.dns import ExplainingResolver
-from txregistry.upstream.endpoints import registry_agent
+from txregistry.upstream.endpoints import peer_agent, registry_agent
+from txregistry.upstream.peers import Fleet
 
 
 class Listener(Service):
@@ -160,17 +162,32 @@ class RegistryService(MultiService):
         self.exhaustion = ExhaustionReporter(reactor, self.files)
         clock = reactor
         resolver = resolver or ExplainingResolver.for_reactor(reactor)
+        # Fleet mode: peers are asked for content by digest before the
+        # upstream (txregistry.upstream.peers).
+        self.fleet: Fleet | None = None
+        peers: IAgent | None = None
+        if config.fleet.enabled:
+            self.fleet = Fleet(config.fleet, clock)
+            peers = peer_agent(reactor, resolver, config.fleet)
         self.upstreams = {
-            r.name: Upstream(r, registry_agent(reactor, resolver, r), clock)
+            r.name: Upstream(r, registry_agent(reactor, resolver, r), clock, self.fleet, peers)
             for r in config.registries
         }
         self.cache = PullThroughCache(self.storage, self.upstreams, clock, config.cache)
-        self.metrics = Metrics(self.cache, self.upstreams, self.storage, self.scrubber)
+        self.metrics = Metrics(
+            self.cache, self.upstreams, self.storage, self.scrubber, fleet=self.fleet
+        )
         self.metrics.watch_files(self.files)
         router = Router(config.registries)
         server = config.server
         resource = RegistryResource(
-            router, self.cache, clock, self.health, self.metrics.render, self._finished
+            router,
+            self.cache,
+            clock,
+            self.health,
+            self.metrics.render,
+            self._finished,
+            peers=config.fleet.peers,
         )
         self.site = RegistrySite(
             resource,
@@ -222,6 +239,12 @@ class RegistryService(MultiService):
         )
         for registry in self.config.registries:
             _log_registry(self.log, registry)
+        if self.fleet is not None:
+            self.log.info(
+                "fleet: this node is {self_url}; peers {peers}",
+                self_url=self.fleet.self_url,
+                peers=", ".join(self.config.fleet.peers),
+            )
         # Before any listener binds; a select() reactor cannot use more.
         raise_soft_limit(
             self.files, SELECT_LIMIT if isinstance(self._reactor, SelectReactor) else None
@@ -349,6 +372,8 @@ class RegistryService(MultiService):
         }
         if unavailable:
             document["unavailable_registries"] = unavailable
+        if self.fleet is not None:
+            document["fleet"] = self.fleet.describe()
         return 200, document
 
 

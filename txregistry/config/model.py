@@ -290,10 +290,13 @@ class FleetConfig:
     @ivar self_url: this node's URL, as its peers reach it.
     @ivar peers: the other nodes' URLs (without this node's, which the file
         may list too), in the file's order.  Empty: no fleet.
+    @ivar timing: the C{[upstream]} table's timeouts and backoff, which
+        apply to peers too (its proxy does not: peers are reached directly).
     """
 
     self_url: str | None = None
     peers: tuple[str, ...] = ()
+    timing: UpstreamConfig = field(default_factory=UpstreamConfig)
 
     @property
     def enabled(self) -> bool:

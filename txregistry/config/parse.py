@@ -313,14 +313,15 @@ def _check_registries(registries: list[RegistryConfig], where: str) -> None:
         raise ConfigError(where, f"only one registry can be the default, not {defaults}")
 
 
-def _fleet(table: _Table) -> FleetConfig:
+def _fleet(table: _Table, timing: UpstreamConfig) -> FleetConfig:
     """
     The C{[fleet]} table.  Peers are compared as normalized URLs, so that
     C{http://A:5050/} and C{http://a:5050} are one peer; this node's own
     URL may be in the list (one list for the whole fleet), and is taken out.
     """
     self_url = table.get("self", lambda v: parse_mirror_url(_string(v)), None)
-    listed = table.get("peers", _strings, ())
+    none: tuple[str, ...] = ()
+    listed = table.get("peers", _strings, none)
     peers: list[str] = []
     for i, text in enumerate(listed):
         where = f"{table.where('peers')}[{i}]"
@@ -343,7 +344,7 @@ def _fleet(table: _Table) -> FleetConfig:
             table.where("peers"),
             "is required with self: list the URLs of every node of the fleet",
         )
-    return FleetConfig(self_url, tuple(peers))
+    return FleetConfig(self_url, tuple(peers), timing)
 
 
 def parse_config(
@@ -424,7 +425,7 @@ def parse_config(
         registries = tuple(parsed)
 
     fleet_table = top.table("fleet")
-    fleet = _fleet(fleet_table)
+    fleet = _fleet(fleet_table, upstream)
     fleet_table.finish()
 
     top.finish()

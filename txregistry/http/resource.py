@@ -11,7 +11,8 @@ OCI error JSON; no traceback ever reaches a client.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -29,6 +30,7 @@ from txregistry.http.routing import Router, push_unsupported
 from txregistry.oci.errors import RegistryError
 from txregistry.ops.metrics import CONTENT_TYPE
 from txregistry.repository.interface import IRepository, Kind, Route
+from txregistry.upstream.peers import PEER_HEADER
 
 _READ_METHODS = (b"GET", b"HEAD")
 
@@ -39,6 +41,8 @@ class RegistryResource(Resource):
 
     @param finished: told how each request ended, for the access log and
         metrics.
+    @param peers: the URLs of this node's fleet peers: a request marked as
+        coming from one of them is not passed on to another peer.
     """
 
     isLeaf = True
@@ -52,8 +56,10 @@ class RegistryResource(Resource):
         health: Callable[[], tuple[int, dict[str, Any]]],
         metrics: Callable[[], bytes] | None = None,
         finished: Callable[[Finished], None] | None = None,
+        peers: Collection[str] = (),
     ) -> None:
         super().__init__()
+        self._peers = frozenset(peers)
         self._router = router
         self._repository = repository
         self._health = health
@@ -97,6 +103,9 @@ class RegistryResource(Resource):
         except RegistryError as e:
             return error_now(request, e)
         exchange.kind = route.kind.value.rstrip("s")
+        peer = _peer(request, self._peers)
+        if peer is not None:
+            route = replace(route, peer=peer)
         if ns is not None and not route.prefix:
             # The spec's "Registry Proxying": a registry scoped by ns says so.
             request.responseHeaders.setRawHeaders(b"OCI-Namespace", [ns])
@@ -125,3 +134,16 @@ class RegistryResource(Resource):
             exchange,
             RegistryError(500, "UNKNOWN", "internal error in txregistry; its log has the details"),
         )
+
+
+def _peer(request: Request, peers: frozenset[str]) -> str | None:
+    """
+    The fleet peer a request says it comes from.  Only a configured peer's
+    URL counts: the mark only keeps a request from being passed on, and
+    anything else is a client's request like any other.
+    """
+    value = request.getHeader(PEER_HEADER)
+    if value is None:
+        return None
+    url = value.decode("latin-1")
+    return url if url in peers else None

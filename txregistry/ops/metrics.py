@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from txregistry.storage.interface import IStorage
     from txregistry.storage.scrub import Scrubber
     from txregistry.upstream.client import Upstream
+    from txregistry.upstream.peers import Fleet
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -52,11 +53,13 @@ class _StateCollector(Collector):
         upstreams: dict[str, Upstream],
         storage: IStorage,
         scrubber: Scrubber | None,
+        fleet: Fleet | None = None,
     ) -> None:
         self._cache = cache
         self._upstreams = upstreams
         self._storage = storage
         self._scrubber = scrubber
+        self._fleet = fleet
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -91,6 +94,8 @@ class _StateCollector(Collector):
         yield failures
         yield usable
         yield ratelimit
+        if self._fleet is not None:
+            yield from _peer_metrics(self._fleet)
         yield CounterMetricFamily(
             "txregistry_upstream_fetched_bytes",
             "Bytes of blobs and manifests received from upstream",
@@ -178,6 +183,26 @@ class _FilesCollector(Collector):
         )
 
 
+def _peer_metrics(fleet: Fleet) -> Iterator[Metric]:
+    """Requests to each fleet peer, and those without a usable answer."""
+    fetches = CounterMetricFamily(
+        "txregistry_peer_fetches",
+        "Requests sent to fleet peers for content by digest",
+        labels=["peer"],
+    )
+    failures = CounterMetricFamily(
+        "txregistry_peer_failures",
+        "Peer requests without a usable answer (no connection, timeout, bad content,"
+        " an error status other than 404)",
+        labels=["peer"],
+    )
+    for state in fleet.states:
+        fetches.add_metric([state.mirror.url], state.requests)
+        failures.add_metric([state.mirror.url], state.failures_total)
+    yield fetches
+    yield failures
+
+
 class Metrics:
     """The metrics of one txregistry, in a registry of their own."""
 
@@ -187,6 +212,7 @@ class Metrics:
         upstreams: dict[str, Upstream],
         storage: IStorage,
         scrubber: Scrubber | None = None,
+        fleet: Fleet | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -200,7 +226,7 @@ class Metrics:
             "Bytes sent to clients from the cache",
             registry=self.registry,
         )
-        self.registry.register(_StateCollector(cache, upstreams, storage, scrubber))
+        self.registry.register(_StateCollector(cache, upstreams, storage, scrubber, fleet))
         self._storage = storage
 
     def watch_files(self, files: FileDescriptors) -> None:

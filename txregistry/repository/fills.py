@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from txregistry.config import CacheConfig
 from txregistry.oci.reference import Digest
+from txregistry.oci.verify import BlobCheckFailed
 from txregistry.repository.fill import BlobFill, FillAbandoned, FillPolicy, Resumer
 from txregistry.repository.interface import BlobFilling, Route
 from txregistry.repository.singleflight import SingleFlight
@@ -78,10 +79,18 @@ class BlobFills:
         """Run C{start} for C{digest}, or join the start already under way."""
         return self._starts.run(digest, start)
 
-    def start(self, route: Route, response: UpstreamResponse, resume: Resumer) -> BlobFill | None:
+    def start(
+        self,
+        route: Route,
+        response: UpstreamResponse,
+        resume: Resumer,
+        check_failed: Callable[[str, str], None] | None = None,
+    ) -> BlobFill | None:
         """
         Start filling storage from a blob response, or return L{None} if
         the blob cannot be stored and must be streamed through instead.
+        C{check_failed} is told the source and the reason when what arrived
+        fails its size or digest check.
         """
         digest = route.digest
         size = response.content_length
@@ -115,6 +124,14 @@ class BlobFills:
             size="?" if size is None else size,
             mirror=response.mirror,
         )
+        if check_failed is not None:
+
+            def tell(failure: Failure) -> Failure:
+                if failure.check(BlobCheckFailed):
+                    check_failed(fill.source, failure.getErrorMessage())
+                return failure
+
+            fill.verified.addErrback(tell)
         fill.verified.addCallbacks(
             self._commit, self._done_with, callbackArgs=(fill,), errbackArgs=(fill,)
         )

@@ -49,6 +49,8 @@ class Route:
     @ivar repository: the name to use upstream, with Docker Hub's
         C{library/} already added.
     @ivar prefix: the registry path prefix the client used, or C{""}.
+    @ivar peer: the fleet peer that sent the request, if one did: such a
+        request is never passed on to another peer.
     """
 
     registry: RegistryConfig
@@ -57,6 +59,7 @@ class Route:
     reference: Reference | None = None
 
     prefix: str = ""
+    peer: str | None = None
 
     @property
     def digest(self) -> Digest:

@@ -294,14 +294,24 @@ class PullThroughCache:
         self, route: Route, reference: str, accept: bytes, by_digest: bool = False
     ) -> UpstreamResponse:
         return await self.upstream(route).head_manifest(
-            route.repository, reference, accept, f"manifest {route.describe()}", by_digest
+            route.repository,
+            reference,
+            accept,
+            f"manifest {route.describe()}",
+            by_digest,
+            _from_peer(route),
         )
 
     async def _fetch_manifest(
         self, route: Route, reference: str, accept: bytes, expected: Digest | None
     ) -> FetchedManifest:
         fetched = await self.upstream(route).manifest(
-            route.repository, reference, accept, f"manifest {route.describe()}", expected
+            route.repository,
+            reference,
+            accept,
+            f"manifest {route.describe()}",
+            expected,
+            _from_peer(route),
         )
         self.count_fetched(len(fetched.body))
         await self.storage.put_manifest(fetched.digest, _stored(fetched))
@@ -328,7 +338,7 @@ class PullThroughCache:
             return following
         if head:
             response = await self.upstream(route).head_blob(
-                route.repository, digest, f"blob {route.describe()}"
+                route.repository, digest, f"blob {route.describe()}", _from_peer(route)
             )
             return BlobHead(response.content_length)
 
@@ -336,7 +346,9 @@ class PullThroughCache:
 
         async def start() -> BlobFill | None:
             response = await self._get_blob(route)
-            fill = self.fills.start(route, response, self._resumer(route))
+            fill = self.fills.start(
+                route, response, self._resumer(route), self.upstream(route).content_failed
+            )
             if fill is None:
                 mine.append(response)
             return fill
@@ -375,7 +387,12 @@ class PullThroughCache:
         self, route: Route, offset: int = 0, start_with: str | None = None
     ) -> UpstreamResponse:
         return await self.upstream(route).get_blob(
-            route.repository, route.digest, f"blob {route.describe()}", offset, start_with
+            route.repository,
+            route.digest,
+            f"blob {route.describe()}",
+            offset,
+            start_with,
+            _from_peer(route),
         )
 
     def _resumer(self, route: Route) -> Resumer:
@@ -406,6 +423,11 @@ class PullThroughCache:
             if value is not None:
                 headers[name] = value
         return Listing(response.code, headers, body)
+
+
+def _from_peer(route: Route) -> bool:
+    """Whether a fleet peer sent the request, which must not go to another peer."""
+    return route.peer is not None
 
 
 def _stored(fetched: FetchedManifest) -> StoredManifest:

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from treq.client import HTTPClient
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import RedirectAgent
@@ -56,7 +57,8 @@ from txregistry.upstream.bodies import (
     within,
 )
 from txregistry.upstream.errors import UpstreamOffline, UpstreamRefused, UpstreamUnavailable
-from txregistry.upstream.mirrors import MirrorSet, Outcome, conclude
+from txregistry.upstream.mirrors import MirrorSet, MirrorState, Outcome, conclude
+from txregistry.upstream.peers import PEER_HEADER, Fleet
 from txregistry.upstream.transport import registry_http_client
 
 T = TypeVar("T")
@@ -153,12 +155,23 @@ class Upstream:
 
     @param agent: sends the HTTP requests; its endpoints decide how hosts
         are reached (see L{txregistry.upstream.endpoints}).
+    @param fleet: this node's peers, and C{peer_agent} the agent that
+        reaches them (directly, never through the registry's proxy).
     """
 
     log = Logger()
 
-    def __init__(self, registry: RegistryConfig, agent: IAgent, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        registry: RegistryConfig,
+        agent: IAgent,
+        clock: IReactorTime,
+        fleet: Fleet | None = None,
+        peer_agent: IAgent | None = None,
+    ) -> None:
         self.registry = registry
+        self.fleet = fleet
+        self._peer_http = registry_http_client(peer_agent) if peer_agent is not None else None
         self.mirrors = MirrorSet(registry, clock)
         # In offline mode no upstream is asked; an admin request can switch it.
         self.offline = registry.offline
@@ -188,6 +201,8 @@ class Upstream:
         headers: dict[bytes, bytes] | None = None,
         by_digest: bool = False,
         start_with: str | None = None,
+        digest: Digest | None = None,
+        from_peer: bool = False,
     ) -> UpstreamResponse:
         """
         Ask the mirrors, in order, for C{/v2/<repository>/<path>}.
@@ -197,6 +212,9 @@ class Upstream:
             digest that will be checked, so that digest-only mirrors may
             be asked too.
         @param start_with: the URL of a mirror to ask first.
+        @param digest: the digest of the content asked for, by which fleet
+            peers are asked first, unless C{from_peer}: the request came
+            from a peer, and is never passed on to another.
         @raise UpstreamNotFound: the upstream says it does not exist.
         @raise UpstreamRefused: every mirror refused (401, 403, 429).
         @raise UpstreamUnavailable: no mirror gave a usable answer.
@@ -205,7 +223,9 @@ class Upstream:
         async def attempt(mirror: MirrorConfig) -> UpstreamResponse:
             return await self._ask(mirror, method, repository, path, headers or {})
 
-        return await self._across_mirrors(what, attempt, by_digest, start_with)
+        return await self._across_mirrors(
+            what, attempt, by_digest, start_with, None if from_peer else digest
+        )
 
     async def manifest(
         self,
@@ -214,6 +234,7 @@ class Upstream:
         accept: bytes,
         what: str,
         expected: Digest | None = None,
+        from_peer: bool = False,
     ) -> FetchedManifest:
         """
         GET a manifest and check it: against C{expected} when it was asked
@@ -238,10 +259,18 @@ class Upstream:
                 ) from None
             return _checked_manifest(response, body, expected)
 
-        return await self._across_mirrors(what, attempt, by_digest=expected is not None)
+        return await self._across_mirrors(
+            what, attempt, expected is not None, None, None if from_peer else expected
+        )
 
     async def head_manifest(
-        self, repository: str, reference: str, accept: bytes, what: str, by_digest: bool = False
+        self,
+        repository: str,
+        reference: str,
+        accept: bytes,
+        what: str,
+        by_digest: bool = False,
+        from_peer: bool = False,
     ) -> UpstreamResponse:
         """HEAD a manifest: its digest, type and size, without its body."""
         return await self.request(
@@ -251,10 +280,22 @@ class Upstream:
             what,
             {b"Accept": accept},
             by_digest=by_digest,
+            digest=Digest.parse(reference) if by_digest else None,
+            from_peer=from_peer,
         )
 
-    async def head_blob(self, repository: str, digest: Digest, what: str) -> UpstreamResponse:
-        return await self.request(b"HEAD", repository, f"blobs/{digest}", what, by_digest=True)
+    async def head_blob(
+        self, repository: str, digest: Digest, what: str, from_peer: bool = False
+    ) -> UpstreamResponse:
+        return await self.request(
+            b"HEAD",
+            repository,
+            f"blobs/{digest}",
+            what,
+            by_digest=True,
+            digest=digest,
+            from_peer=from_peer,
+        )
 
     async def get_blob(
         self,
@@ -263,6 +304,7 @@ class Upstream:
         what: str,
         offset: int = 0,
         start_with: str | None = None,
+        from_peer: bool = False,
     ) -> UpstreamResponse:
         """GET a blob, or the rest of it from byte C{offset}, whose body is to be streamed."""
         headers = {b"Range": f"bytes={offset}-".encode()} if offset else None
@@ -274,6 +316,8 @@ class Upstream:
             headers,
             by_digest=True,
             start_with=start_with,
+            digest=digest,
+            from_peer=from_peer,
         )
 
     async def get_listing(
@@ -319,15 +363,42 @@ class Upstream:
             return "offline"
         return "ok" if self.mirrors.usable() else "unavailable"
 
+    def content_failed(self, source: str, reason: str) -> None:
+        """A blob from C{source} failed its digest check after it was streamed."""
+        if self.fleet is not None:
+            self.fleet.content_failed(source, reason)
+
+    def _peers_to_ask(self, digest: Digest | None) -> list[MirrorState]:
+        if self.fleet is None or digest is None or self._peer_http is None:
+            return []
+        return self.fleet.to_ask(digest)
+
     async def _across_mirrors(
         self,
         what: str,
         attempt: Callable[[MirrorConfig], Awaitable[T]],
         by_digest: bool,
         start_with: str | None = None,
+        digest: Digest | None = None,
     ) -> T:
         if self.offline:
             raise UpstreamOffline(self.registry.name)
+        for state in self._peers_to_ask(digest):
+            assert self.fleet is not None
+            try:
+                peer_result = await attempt(state.mirror)
+            except _MirrorFailed as e:
+                self.fleet.record(state, e.outcome)
+                self.log.warn(
+                    "Peer request failed: {peer} {what}: {reason}; asking the next peer"
+                    " or the upstream",
+                    peer=state.mirror.url,
+                    what=what,
+                    reason=e.outcome.reason,
+                )
+                continue
+            self.fleet.record(state, None)
+            return peer_result
         outcomes: list[Outcome] = []
         for state in self.mirrors.to_try(by_digest, start_with):
             try:
@@ -362,6 +433,8 @@ class Upstream:
         path: str,
         extra_headers: dict[bytes, bytes],
     ) -> UpstreamResponse:
+        if self.fleet is not None and self.fleet.is_peer(mirror.url):
+            return await self._ask_peer(mirror, method, repository, path, extra_headers)
         url = f"{mirror.url}/v2/{repository}/{path}".encode("ascii")
         scope = pull_scope(repository)
         challenge = self._challenges.get(mirror.url)
@@ -379,6 +452,25 @@ class Upstream:
                 authorization = await self._answer(mirror, challenge, scope, fresh=True)
                 response = await self._send(mirror, method, url, extra_headers, authorization)
         return await self._classify(mirror, method, response)
+
+    async def _ask_peer(
+        self,
+        peer: MirrorConfig,
+        method: bytes,
+        repository: str,
+        path: str,
+        extra_headers: dict[bytes, bytes],
+    ) -> UpstreamResponse:
+        """
+        Ask a fleet peer, by the registry's name as the first path
+        component (every node configures the same registries), marked as a
+        peer request so that it is not passed on, and without credentials.
+        """
+        assert self.fleet is not None and self._peer_http is not None
+        url = f"{peer.url}/v2/{self.registry.name}/{repository}/{path}".encode("ascii")
+        headers = {**extra_headers, PEER_HEADER: self.fleet.self_url.encode("ascii")}
+        response = await self._send(peer, method, url, headers, None, self._peer_http)
+        return await self._classify(peer, method, response)
 
     def _challenge_to_answer(self, mirror: MirrorConfig, response: IResponse) -> Challenge | None:
         """The challenge of a 401 we can answer: Bearer, else Basic if we may."""
@@ -426,6 +518,7 @@ class Upstream:
         url: bytes,
         extra_headers: dict[bytes, bytes],
         authorization: bytes | None,
+        http: HTTPClient | None = None,
     ) -> IResponse:
         headers = Headers({b"User-Agent": [USER_AGENT]})
         for name, value in extra_headers.items():
@@ -433,7 +526,9 @@ class Upstream:
         if authorization is not None:
             headers.setRawHeaders(b"Authorization", [authorization])
         try:
-            sent = self._http.request(method.decode("ascii"), url, headers=headers, unbuffered=True)
+            sent = (http or self._http).request(
+                method.decode("ascii"), url, headers=headers, unbuffered=True
+            )
             response = await within(self._timeout, self._clock, sent)
             return response
         except TimedOut:

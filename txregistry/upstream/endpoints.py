@@ -61,7 +61,14 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
-from txregistry.config import ConfigError, ProxyConfig, ProxyServer, RegistryConfig, Secret
+from txregistry.config import (
+    ConfigError,
+    FleetConfig,
+    ProxyConfig,
+    ProxyServer,
+    RegistryConfig,
+    Secret,
+)
 from txregistry.pem import certificate_blocks
 from txregistry.reactors import IConnectingReactor
 from txregistry.sockets import read_in_large_pieces
@@ -482,4 +489,23 @@ def registry_agent(
     upstream = registry.upstream
     return upstream_agent(
         reactor, resolver, registry.address_family, upstream.connect_timeout, tls, upstream.proxy
+    )
+
+
+def peer_agent(
+    reactor: IConnectingReactor, resolver: IHostnameResolver, fleet: FleetConfig
+) -> IAgent:
+    """
+    The agent for requests to fleet peers: direct connections (a peer is
+    on the fleet's own network, never behind the registries' proxy), to
+    whichever address family a peer's URL names, TLS verified against the
+    system's CAs, with the C{[upstream]} connect timeout.
+    """
+    return upstream_agent(
+        reactor,
+        resolver,
+        "any",
+        fleet.timing.connect_timeout,
+        MirrorTLSPolicy((), None, False),
+        ProxyConfig(),
     )

@@ -71,11 +71,19 @@ class MirrorState:
     How one mirror has been doing.  After L{FAILURES_BEFORE_BACKOFF}
     failures in a row it is skipped for C{initial} seconds, then twice as
     long after each further failure, up to C{maximum}; any usable answer
-    clears it.
+    clears it.  Fleet peers back off from their first failure
+    (C{failures_before_backoff=1}): a node that has gone is skipped at once.
     """
 
-    def __init__(self, mirror: MirrorConfig, initial: float, maximum: float) -> None:
+    def __init__(
+        self,
+        mirror: MirrorConfig,
+        initial: float,
+        maximum: float,
+        failures_before_backoff: int = FAILURES_BEFORE_BACKOFF,
+    ) -> None:
         self.mirror = mirror
+        self._threshold = failures_before_backoff
         self._initial = initial
         self._maximum = maximum
         self.failures = 0
@@ -101,8 +109,8 @@ class MirrorState:
     def failed(self, now: float, reason: str) -> None:
         self.failures += 1
         self.last_error = reason
-        if self.failures >= FAILURES_BEFORE_BACKOFF:
-            exponent = self.failures - FAILURES_BEFORE_BACKOFF
+        if self.failures >= self._threshold:
+            exponent = self.failures - self._threshold
             self.skip_until = now + min(self._initial * 2**exponent, self._maximum)
 
     def answered(self) -> None:
