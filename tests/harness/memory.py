@@ -31,7 +31,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from txregistry.config import CacheConfig, MirrorConfig, RegistryConfig
+from txregistry.config import CacheConfig, FleetConfig, MirrorConfig, RegistryConfig
 from txregistry.http.exchange import Finished
 from txregistry.http.resource import RegistryResource
 from txregistry.http.routing import Router
@@ -43,6 +43,7 @@ from txregistry.storage.disk import DiskStorage
 from txregistry.storage.runner import run_inline
 from txregistry.storage.staging import InlineSpool, SpoolFactory
 from txregistry.upstream.client import Upstream
+from txregistry.upstream.peers import Fleet
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -446,6 +447,7 @@ class MemoryRegistry:
         size_limit: int = 1 << 30,
         hosts: dict[str, Resource] | None = None,
         spool: SpoolFactory = InlineSpool,
+        fleet: FleetConfig | None = None,
         **cache: Any,
     ) -> None:
         """
@@ -470,9 +472,13 @@ class MemoryRegistry:
         )
         self.storage.start()
         self.cache_config = CacheConfig(tmp_path / "cache", size_limit, tag_ttl, **cache)
-        self.upstreams = {r.name: Upstream(r, self.agent, self.clock) for r in self.registries}
+        self.fleet = Fleet(fleet, self.clock) if fleet is not None else None
+        self.upstreams = {
+            r.name: Upstream(r, self.agent, self.clock, self.fleet, self.agent)
+            for r in self.registries
+        }
         self.cache = PullThroughCache(self.storage, self.upstreams, self.clock, self.cache_config)
-        self.metrics = Metrics(self.cache, self.upstreams, self.storage)
+        self.metrics = Metrics(self.cache, self.upstreams, self.storage, self.fleet)
         # How each request ended, as the access log would say.
         self.finished: list[Finished] = []
 
@@ -487,6 +493,7 @@ class MemoryRegistry:
             lambda: (200, {"status": "ok"}),
             self.metrics.render,
             finished,
+            peers=fleet.peers if fleet is not None else (),
         )
         # The clock of client connections: header and idle timeouts.
         self.site_clock = MemoryReactorClock()
