@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -80,3 +81,42 @@ def start(
     )
     process.wait_for("txregistry ready")
     return process, config, port
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now, for a node whose URL its peers must know."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_node(
+    directory: Path, port: int, upstream_url: str, self_url: str, peers: list[str], extra: str = ""
+) -> Process:
+    """
+    Start one fleet node on C{port}, with a local cache of its own in
+    C{directory}, caching docker.io from C{upstream_url}; wait until it is
+    ready.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    peer_list = ", ".join(f'"{peer}"' for peer in peers)
+    config = write_config(
+        directory,
+        f"""
+        [server]
+        listen = ["tcp:{port}:interface=127.0.0.1"]
+        admin_listen = []
+        [cache]
+        directory = "{directory / "cache"}"
+        {extra}
+        [[registry]]
+        name = "docker.io"
+        mirrors = ["{upstream_url}"]
+        [fleet]
+        self = "{self_url}"
+        peers = [{peer_list}]
+        """,
+    )
+    process = twistd(directory, "--config", str(config))
+    process.wait_for("txregistry ready")
+    return process

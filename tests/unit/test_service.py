@@ -8,6 +8,7 @@ from txregistry.config import (
     CacheConfig,
     Config,
     Credentials,
+    FleetConfig,
     MirrorConfig,
     ProxyConfig,
     ProxyServer,
@@ -120,3 +121,25 @@ def test_health_reports_a_degraded_cache(tmp_path):
         },
     }
     service.storage.close()
+
+
+def test_a_fleet_node_shows_its_peers_in_health_and_startup(tmp_path, logs):
+    config = Config(
+        server=ServerConfig(listen=("tcp:5050",)),
+        cache=CacheConfig(tmp_path / "cache"),
+        registries=(
+            RegistryConfig("docker.io", (MirrorConfig("https://r.example"),), default=True),
+        ),
+        fleet=FleetConfig("http://10.0.0.5:5050", ("http://10.0.0.6:5050",)),
+    )
+    service = RegistryService(config, MemoryReactorClock())
+    service.privilegedStartService()
+    assert "fleet: this node is http://10.0.0.5:5050; peers http://10.0.0.6:5050" in logs.text()
+    _, health = service.health()
+    assert health["fleet"] == {
+        "self": "http://10.0.0.5:5050",
+        "peers": [{"url": "http://10.0.0.6:5050", "state": "ok", "consecutive_failures": 0}],
+    }
+    assert service.upstreams["docker.io"].fleet is service.fleet
+    # Without [fleet], /health has no fleet.
+    assert "fleet" not in service_for(tmp_path, config.registries[0]).health()[1]
