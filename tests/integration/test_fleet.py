@@ -7,6 +7,7 @@ and throttles or stalls them.
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.protocol import Protocol
 from twisted.web.client import ResponseDone
 
+from txregistry.cli.doctor import doctor
+from txregistry.config import load_config
 from txregistry.upstream.peers import ranked
 
 pytestmark = pytest.mark.integration
@@ -239,3 +242,26 @@ def test_fleet_nodes_refuse_a_peer_listed_twice(tmp_path):
         f"txregistry: config error: {config}: fleet.peers[1]:"
         " 'http://127.0.0.1:2/' is listed twice: list each peer once"
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_doctor_checks_each_peer(tmp_path, proxy, fleet):
+    config = load_config(str(tmp_path / "node0" / "txregistry.toml"))
+    out = io.StringIO()
+    assert await doctor(reactor, config, out) == 0
+    text = out.getvalue()
+    assert f"fleet (this node: {fleet[0].url})" in text
+    assert "conclusion: ok: 2 of 2 peers answer and agree" in text
+    fleet[2].process.stop()
+    out = io.StringIO()
+    assert await doctor(reactor, config, out) == 1
+    lines = out.getvalue().splitlines()
+    (ok,) = [line for line in lines if line.strip().startswith(fleet[1].url)]
+    assert ok.split()[1:3] == ["HTTP", "200"]
+    (down,) = [line for line in lines if line.strip().startswith(fleet[2].url)]
+    port = fleet[2].url.rsplit(":", 1)[1]
+    assert down.split()[1:3] == ["FAIL", "-"]
+    assert down.endswith(
+        f"no answer: cannot connect to 127.0.0.1:{port}: 127.0.0.1: connection refused"
+    )
+    assert "conclusion: 1 of 2 peers have problems" in out.getvalue()

@@ -1,14 +1,16 @@
 """The command line's pure parts: references, servers, doctor's conclusions, cache stats."""
 
 import io
+from pathlib import Path
 
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
 
 from txregistry.cli.doctor import Check, MirrorReport, conclude, render
+from txregistry.cli.doctor_fleet import PeerReport, disagreements, render_peers
 from txregistry.cli.main import cache_command, check_config
 from txregistry.cli.prefetch import ImageRef, PrefetchError, parse_image_ref, server_from_listen
-from txregistry.config import CacheConfig, Config, MirrorConfig, RegistryConfig
+from txregistry.config import CacheConfig, Config, FleetConfig, MirrorConfig, RegistryConfig
 from txregistry.oci.reference import Digest
 from txregistry.storage.disk import DiskStorage
 from txregistry.storage.interface import StoredManifest
@@ -201,3 +203,35 @@ def test_cache_stats_counts_the_corrupt_entries_removed(tmp_path):
     assert cache_command("stats", config, out) == 0
     lines = out.getvalue().splitlines()
     assert any(line.startswith("corrupt     1 entries removed") for line in lines)
+
+
+def test_doctor_says_where_a_peer_disagrees_with_this_node():
+    config = Config(
+        cache=CacheConfig(Path("/tmp/c")),
+        registries=(
+            RegistryConfig("docker.io", (MirrorConfig("https://r.example"),), default=True),
+            RegistryConfig("ghcr.io", (MirrorConfig("https://ghcr.io"),)),
+        ),
+        fleet=FleetConfig("http://a:5050", ("http://b:5050",)),
+    )
+    agreeing = {
+        "fleet": {"self": "http://b:5050", "peers": [{"url": "http://a:5050"}]},
+        "registries": {"docker.io": {}, "ghcr.io": {}},
+    }
+    assert disagreements(config, "http://b:5050", agreeing) == []
+    assert disagreements(
+        config,
+        "http://b:5050",
+        {"fleet": {"self": "http://10.0.0.2:5050", "peers": []}, "registries": {"docker.io": {}}},
+    ) == [
+        "it calls itself 'http://10.0.0.2:5050': use one URL for it on every node",
+        "it does not list this node (http://a:5050) among its peers",
+        "it does not configure registry ghcr.io",
+    ]
+    assert disagreements(config, "http://b:5050", {"registries": agreeing["registries"]}) == [
+        "it is not in fleet mode: give it the same [fleet] peers"
+    ]
+    report = PeerReport("http://b:5050", "FAIL", problems=("no answer: connection refused",))
+    text = render_peers("http://a:5050", [report])
+    assert "http://b:5050  FAIL     -        no answer: connection refused" in text
+    assert "conclusion: 1 of 1 peers have problems" in text

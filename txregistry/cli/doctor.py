@@ -7,7 +7,8 @@ C{/v2/}, fetching an anonymous token, and which proxy is used.  It goes the
 way txregistry itself goes (the same resolver, endpoints, TLS policy and
 proxy settings), prints a table and one conclusion per registry, and exits
 non-zero when a registry has no usable mirror.  It works whether or not the
-service is running: it talks to the upstreams, not to txregistry.
+service is running: it talks to the upstreams, not to txregistry.  In
+fleet mode it also checks each peer (L{txregistry.cli.doctor_fleet}).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
+from txregistry.cli.doctor_fleet import check_peer, render_peers
 from txregistry.config import Config, MirrorConfig, RegistryConfig
 from txregistry.upstream.auth import TokenFetcher, parse_www_authenticate, pull_scope, token_key
 from txregistry.upstream.bodies import describe_failure, discard_body, within
@@ -286,4 +288,12 @@ async def doctor(
             exit_code = 1
         print("", file=out)
         print(render(registry, reports, conclusion), file=out)
+    fleet = config.fleet
+    if fleet.enabled:
+        assert fleet.self_url is not None
+        peers = [await check_peer(reactor, resolver, config, url) for url in fleet.peers]
+        if not all(peer.ok for peer in peers):
+            exit_code = 1
+        print("", file=out)
+        print(render_peers(fleet.self_url, peers), file=out)
     return exit_code
