@@ -51,20 +51,25 @@ def fan_out(url: str, clients: int) -> float:
     starting the first to the end of the last.  Every one must get the
     whole body, of the same size.
     """
+    return fan_out_over([url] * clients)
+
+
+def fan_out_over(urls: list[str]) -> float:
+    """One curl per URL, started together (the same blob at several servers): as L{fan_out}."""
     started = time.perf_counter()
     processes = [
         subprocess.Popen(_curl(url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(clients)
+        for url in urls
     ]
     outputs = [process.communicate(timeout=HANG_GUARD) for process in processes]
     elapsed = time.perf_counter() - started
     sizes = set()
-    for process, (out, err) in zip(processes, outputs, strict=True):
+    for url, process, (out, err) in zip(urls, processes, outputs, strict=True):
         if process.returncode != 0:
             raise RuntimeError(f"curl {url}: {err.strip()}")
         sizes.add(out.split()[0])
     if len(sizes) != 1:
-        raise RuntimeError(f"{url}: clients got different sizes {sorted(sizes)}")
+        raise RuntimeError(f"{urls[0]}: clients got different sizes {sorted(sizes)}")
     return elapsed
 
 

@@ -171,6 +171,28 @@ def _whole_image(f: _Figures, sizes: Sizes) -> list[Line]:
     return out
 
 
+def _fleet(f: _Figures, sizes: Sizes) -> list[Line]:
+    s = (
+        f"8. Fleet, {sizes.fleet_nodes} nodes, {sizes.fan_out} cold clients spread over them,"
+        f" {sizes.blob // MiB} MiB blob"
+    )
+    tx, peer = f.m("fleet.txregistry_s"), f.m("fleet.peer_s")
+    local, nginx = f.m("fleet.local_tier_mb_s"), f.m("fleet.nginx_mb_s")
+    return [
+        Line(s, "txregistry fleet, until the last client is done", tx, "s"),
+        Line(s, f"{sizes.fleet_nodes} peers (distribution proxies), until the last is done",
+             peer, "s"),
+        Line(s, "txregistry fleet / peers", tx / peer, "x"),
+        Line(s, "upstream GETs of the blob, txregistry fleet (worst run)",
+             f.worst("fleet.txregistry_upstream_gets"), "GETs", Target(True, 1)),
+        Line(s, "upstream GETs of the blob, peers (worst run)",
+             f.worst("fleet.peer_upstream_gets"), "GETs"),
+        Line(s, "warm GET from a node's local tier", local, "MB/s"),
+        Line(s, "faster nginx, from disk", nginx, "MB/s"),
+        Line(s, "local tier / faster nginx", local / nginx, "x", Target(False, 0.9)),
+    ]  # fmt: skip
+
+
 # Each scenario's figures, by the prefix of its samples' keys.
 _SCENARIOS = {
     "cold_single.": _cold_single,
@@ -180,6 +202,7 @@ _SCENARIOS = {
     "manifest.": _manifest,
     "memory.": _memory,
     "image.": _whole_image,
+    "fleet.": _fleet,
 }
 
 

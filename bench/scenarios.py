@@ -1,5 +1,5 @@
 """
-The seven measurements, run against txregistry, the peer and the references.
+The eight measurements, run against txregistry, the peer and the references.
 
 Every timed measurement is repeated C{runs} times and every sample kept;
 the report takes medians.  Within a run the servers are measured one after the
@@ -14,7 +14,7 @@ import hashlib
 import itertools
 import time
 from collections import defaultdict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -22,7 +22,16 @@ from typing import TypeVar
 from harness.network import free_port
 from harness.skopeo import Skopeo
 
-from bench.clients import MANIFEST_ACCEPT, Fetched, added_rss, fan_out, fetch, skopeo_copy, wrk
+from bench.clients import (
+    MANIFEST_ACCEPT,
+    Fetched,
+    added_rss,
+    fan_out,
+    fan_out_over,
+    fetch,
+    skopeo_copy,
+    wrk,
+)
 from bench.content import Blob, push_blob, push_image
 from bench.servers import Nginx, Registry, Server, TxRegistry
 
@@ -41,6 +50,7 @@ class Sizes:
     wrk_seconds: float
     fan_out: int = 8
     connections: int = 16
+    fleet_nodes: int = 3
 
 
 FULL = Sizes(
@@ -88,6 +98,9 @@ class Bench:
         self.warm_blob: Blob | None = None
         self.fan_out_blob: Blob | None = None
         self.skopeo = Skopeo(directory / "skopeo")
+        # Scenario 8's servers, started only if it runs.
+        self.fleet_nodes: list[TxRegistry] = []
+        self.fleet_peers: list[Registry] = []
 
     def start(self) -> None:
         self.upstream = self._started(Registry("upstream", self.directory / "upstream"))
@@ -109,7 +122,7 @@ class Bench:
         for server in reversed(self._servers):
             server.stop()
 
-    def run(self, only: Collection[int] = range(1, 8)) -> Samples:
+    def run(self, only: Collection[int] = range(1, 9)) -> Samples:
         """Run the scenarios numbered in C{only}, in order; return the samples."""
         scenarios = [
             self.cold_single,
@@ -119,6 +132,7 @@ class Bench:
             self.cached_manifest,
             self.memory,
             self.whole_image,
+            self.fleet,
         ]
         for number, scenario in enumerate(scenarios, 1):
             if number in only:
@@ -287,3 +301,51 @@ class Bench:
                 for name, host in hosts:
                     seconds = skopeo_copy(self.skopeo, image.reference(host), destination)
                     self._record(f"image.{temperature}_{name}_s", seconds)
+
+    # 8. A fleet: three nodes, eight cold clients spread over them.
+
+    def _start_fleet(self) -> None:
+        count = self.sizes.fleet_nodes
+        ports = [free_port() for _ in range(count)]
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        for i, port in enumerate(ports):
+            node = TxRegistry(
+                self.directory / f"fleet{i}",
+                self.upstream.url,
+                port,
+                free_port(),
+                name=f"fleet{i}",
+                peers=urls,
+            )
+            self.fleet_nodes.append(self._started(node))
+        # Against as many distribution proxies, each with its own storage:
+        # distribution has no fleet mode.
+        for i in range(count):
+            peer = Registry(f"peer{i}", self.directory / f"peer{i}", proxy_for=self.upstream.url)
+            self.fleet_peers.append(self._started(peer))
+
+    def fleet(self) -> None:
+        clients, count = self.sizes.fan_out, self.sizes.fleet_nodes
+        self.say(f"8. fleet: {count} nodes, {clients} cold clients spread over them")
+        if not self.fleet_nodes:
+            self._start_fleet()
+        groups: tuple[tuple[str, Sequence[TxRegistry | Registry]], ...] = (
+            ("txregistry", self.fleet_nodes),
+            ("peer", self.fleet_peers),
+        )
+        for _ in range(self.sizes.runs):
+            blob = self._blob(self.sizes.blob)
+            for name, group in groups:
+                urls = [group[i % count].url + blob.path() for i in range(clients)]
+                since = self.upstream.mark()
+                self._record(f"fleet.{name}_s", fan_out_over(urls))
+                gets = self.upstream.blob_gets(blob.digest, since, self.upstream.mark())
+                self._record(f"fleet.{name}_upstream_gets", gets)
+            # A warm GET from a node's local tier, which it filled from the
+            # blob's owner, against nginx from disk.
+            local = self.fleet_nodes[-1].url + blob.path()
+            self._warm_up(local, blob)
+            seconds = self._fetch(local, blob).seconds
+            self._record("fleet.local_tier_mb_s", self._mb_per_s(blob.size, seconds))
+            nginx = min(self._fetch(url, blob).seconds for url in self._nginx_urls(blob))
+            self._record("fleet.nginx_mb_s", self._mb_per_s(blob.size, nginx))

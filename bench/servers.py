@@ -168,8 +168,23 @@ class Registry(Server):
 class TxRegistry(Server):
     """txregistry from this checkout, run with C{twistd} as users run it."""
 
-    def __init__(self, directory: Path, upstream_url: str, port: int, admin_port: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        upstream_url: str,
+        port: int,
+        admin_port: int,
+        name: str = "txregistry",
+        peers: list[str] | None = None,
+    ) -> None:
+        """C{peers}, with this node's own URL among them, makes it a fleet node."""
         directory.mkdir(parents=True, exist_ok=True)
+        self.host = f"127.0.0.1:{port}"
+        self.url = f"http://{self.host}"
+        fleet = ""
+        if peers is not None:
+            listed = ", ".join(f'"{peer}"' for peer in peers)
+            fleet = f'[fleet]\nself = "{self.url}"\npeers = [{listed}]\n'
         config = directory / "txregistry.toml"
         config.write_text(
             f"""
@@ -183,14 +198,13 @@ class TxRegistry(Server):
             name = "docker.io"
             mirrors = ["{upstream_url}"]
             """.replace("\n            ", "\n")
+            + fleet
         )
         twistd = str(Path(sys.executable).parent / "twistd")
         env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "HOME": str(directory)}
         args = [twistd, "-n", "--pidfile=", "txregistry", "--config", str(config)]
-        super().__init__("txregistry", args, directory, env)
+        super().__init__(name, args, directory, env)
         self.wait_for("txregistry ready")
-        self.host = f"127.0.0.1:{port}"
-        self.url = f"http://{self.host}"
 
 
 class Nginx(Server):

@@ -33,7 +33,7 @@ def test_quick_bench_produces_every_figure(tmp_path: Path) -> None:
     produced = json.loads(figures_file.read_text())
     figures = produced["figures"]
     scenarios = {figure["scenario"].split(".", 1)[0] for figure in figures}
-    assert scenarios == {str(n) for n in range(1, 8)}
+    assert scenarios == {str(n) for n in range(1, 9)}
     assert all(figure["finite"] for figure in figures), figures
     assert all(figure["value"] > 0 for figure in figures if figure["unit"] != "MiB"), figures
     # Every measurement was sampled, and the timed ones once per run.
@@ -44,6 +44,8 @@ def test_quick_bench_produces_every_figure(tmp_path: Path) -> None:
             assert len(samples) == runs, key
     # Single-flight, seen from the upstream's own log.
     assert produced["samples"]["cold_fan_out.txregistry_upstream_gets"] == [1] * runs
+    # And fleet-wide: eight clients over three nodes.
+    assert produced["samples"]["fleet.txregistry_upstream_gets"] == [1] * runs
 
     text = results.read_text()
     assert text.startswith("# Results\n\nNotes kept by hand.\n")
