@@ -478,7 +478,7 @@ class MemoryRegistry:
             for r in self.registries
         }
         self.cache = PullThroughCache(self.storage, self.upstreams, self.clock, self.cache_config)
-        self.metrics = Metrics(self.cache, self.upstreams, self.storage, self.fleet)
+        self.metrics = Metrics(self.cache, self.upstreams, self.storage, fleet=self.fleet)
         # How each request ended, as the access log would say.
         self.finished: list[Finished] = []
 
