@@ -42,6 +42,9 @@ class ServerConfig:
     @ivar idle_timeout: how long an idle connection is kept.
     @ivar shutdown_timeout: how long a stop waits for downloads in progress
         to finish before it drops them.
+    @ivar push_from: the client networks (CIDRs) that may push.
+    @ivar push_users: with C{push_users_file}, the users who may push, with
+        Basic credentials; without it, any client in C{push_from} may.
     """
 
     listen: tuple[str, ...] = ("tcp:5050:interface=127.0.0.1",)
@@ -49,6 +52,27 @@ class ServerConfig:
     header_timeout: float = 30.0
     idle_timeout: float = 300.0
     shutdown_timeout: float = 30.0
+    # Pushes (see PushAccess): who may push, and with which credentials.
+    push_from: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    push_users: PushUsers | None = None
+
+
+@dataclass(frozen=True)
+class PushUsers:
+    """
+    The users who may push, from C{push_users_file} (an htpasswd file of
+    bcrypt hashes, as C{htpasswd -B} writes).  The hashes are kept as
+    L{Secret}s: they never appear in a log or a dump of the config.
+    """
+
+    path: Path
+    hashes: tuple[tuple[str, Secret], ...]
+
+    def hash_for(self, username: str) -> Secret | None:
+        for name, hashed in self.hashes:
+            if name == username:
+                return hashed
+        return None
 
 
 LOG_FORMATS = ("auto", "text", "json", "journal")
@@ -243,6 +267,11 @@ class RegistryConfig:
     @ivar insecure: do not verify the mirrors' TLS certificates.
     @ivar offline: serve only what is cached, asking no upstream; admin
         requests can change it at runtime.
+    @ivar hosted: a registry of its own, on this machine: what clients push
+        is stored pinned and served from here; it has no mirrors.
+    @ivar push: push-through: pushes go to the origin (the first mirror that
+        resolves tags), and are kept in the cache as well.
+    @ivar push_chunk_size: the largest request body sent to the origin.
     """
 
     name: str
@@ -255,6 +284,16 @@ class RegistryConfig:
     insecure: bool = False
     credentials: Credentials | None = None
     offline: bool = False
+    # Pushes: a hosted registry keeps what clients push and has no mirrors;
+    # a push-through one (push) sends pushes to its origin, the first mirror
+    # that resolves tags, in request bodies of at most push_chunk_size.
+    hosted: bool = False
+    push: bool = False
+    push_chunk_size: int = 50 << 20
+
+    @property
+    def takes_pushes(self) -> bool:
+        return self.hosted or self.push
 
     @property
     def names(self) -> tuple[str, ...]:

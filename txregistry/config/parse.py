@@ -9,6 +9,7 @@ traceback.  C{etc/txregistry.toml} documents every key.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import stat
 import tomllib
@@ -30,6 +31,7 @@ from txregistry.config.model import (
     LogConfig,
     MirrorConfig,
     ProxyConfig,
+    PushUsers,
     RegistryConfig,
     Secret,
     ServerConfig,
@@ -278,10 +280,19 @@ def _registry(
         "aliases", lambda v: tuple(normalize_registry_name(a) for a in _strings(v)), no_aliases
     )
     mirrors = _mirrors(table, environ)
-    if not mirrors:
-        raise ConfigError(table.where("mirrors"), "needs at least one upstream URL")
-    if not any(m.resolve_tags for m in mirrors):
-        raise ConfigError(table.where("mirrors"), "needs at least one mirror that can resolve tags")
+    hosted = table.get("hosted", _boolean, False)
+    push = table.get("push", _boolean, False)
+    push_chunk_size = table.get("push_chunk_size", _push_chunk_size, RegistryConfig.push_chunk_size)
+    if hosted:
+        _check_hosted(table, mirrors, push)
+    elif not mirrors:
+        raise ConfigError(
+            table.where("mirrors"),
+            "needs at least one upstream URL (or hosted = true for a registry of its own)",
+        )
+    elif not any(m.resolve_tags for m in mirrors):
+        where = table.where("push" if push else "mirrors")
+        raise ConfigError(where, "needs at least one mirror that can resolve tags")
     names = {name, *aliases}
     registry = RegistryConfig(
         name=name,
@@ -294,9 +305,82 @@ def _registry(
         insecure=table.get("insecure", _boolean, False),
         credentials=_credentials(table, environ),
         offline=table.get("offline", _boolean, False),
+        hosted=hosted,
+        push=push,
+        push_chunk_size=push_chunk_size,
     )
     table.finish()
     return registry
+
+
+def _check_hosted(table: _Table, mirrors: tuple[MirrorConfig, ...], push: bool) -> None:
+    """A hosted registry keeps what is pushed to it: it has nowhere to fetch from."""
+    if mirrors or "mirrors" in table:
+        raise ConfigError(
+            table.where("hosted"),
+            "a hosted registry has no mirrors: remove mirrors, or hosted for a pull-through cache",
+        )
+    if push:
+        raise ConfigError(
+            table.where("push"),
+            "push = true is push-through to mirrors; a hosted registry takes pushes itself",
+        )
+
+
+def _push_chunk_size(value: Any) -> int:
+    size = parse_size(value)
+    if size < 1 << 20:
+        raise ValueError(f"must be at least 1MiB, not {value!r}")
+    return size
+
+
+def _networks(value: Any) -> tuple[str, ...]:
+    """CIDRs, checked, in the form given (C{10.0.0.0/8}, C{::1/128})."""
+    networks = _strings(value)
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ValueError(f"{network!r} is not a network such as 10.0.0.0/8") from None
+    return networks
+
+
+def _push_users(table: _Table, key: str) -> PushUsers | None:
+    """
+    Read C{push_users_file}: C{user:hash} lines of bcrypt hashes (C{htpasswd
+    -B}), readable by its owner only, as a C{password_file} must be.
+    """
+    path = table.get(key, lambda v: Path(_string(v)).expanduser(), None)
+    if path is None:
+        return None
+    where = table.where(key)
+    try:
+        mode = path.stat().st_mode
+        if mode & 0o044:
+            raise ConfigError(
+                where,
+                f"{str(path)!r} is readable by its group or by other users"
+                f" (mode {stat.S_IMODE(mode):04o}): chmod 600 it",
+            )
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(where, f"cannot read {str(path)!r}: {e.strerror or e}") from None
+    hashes = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, _, hashed = line.partition(":")
+        if not user or not hashed.startswith(("$2y$", "$2b$", "$2a$")):
+            raise ConfigError(
+                where,
+                f"{str(path)!r} line {number}: not user:bcrypt-hash;"
+                " write it with htpasswd -B (other hash types are refused)",
+            )
+        hashes.append((user, Secret(hashed)))
+    if not hashes:
+        raise ConfigError(where, f"{str(path)!r} holds no users: add one with htpasswd -B")
+    return PushUsers(path, tuple(hashes))
 
 
 def _check_registries(registries: list[RegistryConfig], where: str) -> None:
@@ -369,6 +453,8 @@ def parse_config(
         shutdown_timeout=server_table.get(
             "shutdown_timeout", parse_duration, ServerConfig.shutdown_timeout
         ),
+        push_from=server_table.get("push_from", _networks, ServerConfig.push_from),
+        push_users=_push_users(server_table, "push_users_file"),
     )
     server_table.finish()
 
