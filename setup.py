@@ -33,6 +33,8 @@ setup(
         # Imported at runtime for certificates and keys (pyOpenSSL's own
         # X509 and PKey are deprecated).
         "cryptography>=42",
+        # push_users_file: checking htpasswd -B (bcrypt) hashes.
+        "bcrypt>=4.1",
     ],
     entry_points={"console_scripts": ["txregistry = txregistry.cli.main:main"]},
     extras_require={

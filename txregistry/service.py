@@ -39,16 +39,23 @@ from txregistry import __version__
 from txregistry.config import Config, ConfigError, RegistryConfig
 from txregistry.http.admin import AdminResource
 from txregistry.http.exchange import Finished
+from txregistry.http.push_access import PushAccess
 from txregistry.http.resource import RegistryResource
 from txregistry.http.routing import Router
 from txregistry.http.site import RegistrySite
+from txregistry.http.uploads import PushAPI
 from txregistry.ops.files import SELECT_LIMIT, ExhaustionReporter, FileDescriptors, raise_soft_limit
 from txregistry.ops.listen import ReloadableTLS, server_endpoint
 from txregistry.ops.logs import choose_observer
 from txregistry.ops.metrics import Metrics
 from txregistry.ops.systemd import notify
 from txregistry.reactors import IServiceReactor
+from txregistry.repository.choose import ByRegistry
+from txregistry.repository.hosted import HostedRepository
+from txregistry.repository.interface import IRepository
 from txregistry.repository.pullthrough import PullThroughCache
+from txregistry.repository.push import IPushTarget
+from txregistry.repository.uploads import Uploads
 from txregistry.storage.disk import DiskStorage
 from txregistry.storage.interface import IStorage
 from txregistry.storage.runner import in_thread_pool
@@ -172,6 +179,7 @@ class RegistryService(MultiService):
         self.upstreams = {
             r.name: Upstream(r, registry_agent(reactor, resolver, r), clock, self.fleet, peers)
             for r in config.registries
+            if not r.hosted
         }
         self.cache = PullThroughCache(self.storage, self.upstreams, clock, config.cache)
         self.metrics = Metrics(
@@ -180,14 +188,29 @@ class RegistryService(MultiService):
         self.metrics.watch_files(self.files)
         router = Router(config.registries)
         server = config.server
+
+        # Pushes: hosted registries keep what is pushed to them; the
+        # registries that take pushes are the keys of push_targets.
+        self.hosted = HostedRepository(self.storage, clock)
+        pulls: dict[str, IRepository] = {}
+        push_targets: dict[str, IPushTarget] = {}
+        for registry in config.registries:
+            if registry.hosted:
+                pulls[registry.name] = self.hosted
+                push_targets[registry.name] = self.hosted
+        self.uploads = Uploads(self.storage, clock)
+        self.push_access = PushAccess(server.push_from, server.push_users, run_blocking, clock)
+
         resource = RegistryResource(
             router,
-            self.cache,
+            ByRegistry(self.cache, pulls),
             clock,
             self.health,
             self.metrics.render,
             self._finished,
             peers=config.fleet.peers,
+            push=PushAPI(push_targets, self.uploads),
+            access=self.push_access,
         )
         self.site = RegistrySite(
             resource,
@@ -339,6 +362,7 @@ class RegistryService(MultiService):
         if listeners_stopped is not None:
             await listeners_stopped
         await self.cache.drain(self.config.server.shutdown_timeout)
+        self.uploads.drop_all()
         self.threadpool.stop()
         self.storage.stop()
 
@@ -379,6 +403,13 @@ class RegistryService(MultiService):
 
 def _log_registry(log: Logger, registry: RegistryConfig) -> None:
     """Say how a registry's upstreams are reached, once, at startup."""
+    if registry.hosted:
+        log.info(
+            "registry {name}{default}: hosted here; what is pushed to it is kept, pinned",
+            name=registry.name,
+            default=" (default)" if registry.default else "",
+        )
+        return
     mirrors = ", ".join(
         m.url if m.resolve_tags else f"{m.url} (digest-only)" for m in registry.mirrors
     )

@@ -87,11 +87,20 @@ def test_a_range_that_ends_before_it_starts_is_not_satisfiable(registry):
 
 @pytest.mark.parametrize("method", ["PUT", "POST", "DELETE", "PATCH"])
 def test_refused_methods_say_which_are_allowed(registry, method):
-    for path in ("/v2/alpine/manifests/1", "/v2/alpine/blobs/uploads/", "/v2/"):
+    answer = registry.get("/v2/", method=method)
+    assert answer.status == 405
+    assert answer.json()["errors"][0]["code"] == "UNSUPPORTED"
+    assert answer.headers["allow"] == "GET, HEAD"
+
+
+@pytest.mark.parametrize("method", ["PUT", "POST", "DELETE", "PATCH"])
+def test_pushes_to_a_pull_through_registry_are_denied(registry, method):
+    # 403, not 405: Docker retries a 405 (goharbor/harbor#12731).
+    for path in ("/v2/alpine/manifests/1", "/v2/alpine/blobs/uploads/"):
         answer = registry.get(path, method=method)
-        assert answer.status == 405
-        assert answer.json()["errors"][0]["code"] == "UNSUPPORTED"
-        assert answer.headers["allow"] == "GET, HEAD"
+        assert answer.status == 403
+        assert answer.json()["errors"][0]["code"] == "DENIED"
+    assert registry.upstream.seen == []
 
 
 def test_an_unknown_api_path_is_404_with_a_code_of_the_spec(registry):

@@ -459,9 +459,11 @@ class TestRefusedRequests:
     @pytest.mark.parametrize("method", ["PUT", "POST", "PATCH", "DELETE"])
     def test_pushes_are_refused_with_an_explanation(self, registry, method):
         response = registry.get("/v2/alpine/blobs/uploads/", method=method)
-        assert response.status == 405
+        assert response.status == 403
         (error,) = response.json()["errors"]
-        assert error["code"] == "UNSUPPORTED" and "pull-through cache" in error["message"]
+        assert error["code"] == "DENIED" and "pull-through cache" in error["message"]
+        assert "hosted = true" in error["message"] and "push = true" in error["message"]
+        assert registry.upstream.seen == []
 
     def test_unconfigured_registry_makes_no_connection(self, registry):
         response = registry.get("/v2/org/img/manifests/1?ns=evil.example.com")

@@ -130,8 +130,7 @@ def test_no_default_registry():
         ("/v2/alpine/manifests/sha256:123", "DIGEST_INVALID"),
         ("/v2/alpine/nothing/latest", "UNSUPPORTED"),
         ("/v3/alpine/manifests/latest", "NOT_FOUND"),
-        ("/v2/alpine/blobs/uploads/", "UNSUPPORTED"),
-        ("/v2/alpine/blobs/uploads/1234-5678", "UNSUPPORTED"),
+        ("/v2/alpine/blobs/uploads/a%2Fb", "BLOB_UPLOAD_UNKNOWN"),
     ],
 )
 def test_bad_paths(router, path, code):
@@ -142,3 +141,18 @@ def test_non_ascii_path(router):
     with pytest.raises(RegistryError) as caught:
         router.route("/v2/älpine/manifests/1".encode(), None)
     assert caught.value.code == "NAME_INVALID"
+
+
+def test_upload_paths_name_the_repository_and_the_upload():
+    router = Router([HUB, RegistryConfig("local", (), hosted=True)])
+    new = router.route(b"/v2/local/team/app/blobs/uploads/")
+    assert (new.registry.name, new.repository, new.kind, new.upload) == (
+        "local",
+        "team/app",
+        Kind.UPLOADS,
+        "",
+    )
+    assert router.route(b"/v2/local/app/blobs/uploads").upload == ""
+    assert router.route(b"/v2/local/app/blobs/uploads/1234-abcd").upload == "1234-abcd"
+    # A repository may be called "blobs": the last separator wins.
+    assert router.route(b"/v2/local/blobs/blobs/uploads/x").repository == "blobs"

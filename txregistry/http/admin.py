@@ -45,7 +45,13 @@ class AdminResource(Resource):
                 return _answer(
                     request, 404, {"error": f"registry {parts[2][:100]!r} is not configured"}
                 )
-            upstream = self._upstreams[registry.name]
+            upstream = self._upstreams.get(registry.name)
+            if upstream is None:
+                return _answer(
+                    request,
+                    409,
+                    {"error": f"registry {registry.name} is hosted: it has no upstream to leave"},
+                )
             upstream.offline = parts[3] == "offline"
             self.log.warn(
                 "registry {name} switched to {mode} mode by an admin request from {client}",

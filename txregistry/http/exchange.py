@@ -54,7 +54,9 @@ class Exchange:
 
     def _lost(self, _: Failure) -> None:
         self.gone = True
-        self._done(None, aborted=True)
+        # A connection closed after its answer (one sent before the pushed
+        # body arrived) is no aborted request.
+        self._done(None, aborted=not self.request.finished)
 
     def _done(self, _: object, aborted: bool = False) -> None:
         if self._finished is None:

@@ -26,7 +26,9 @@ from txregistry.http.blobs import send_blob
 from txregistry.http.exchange import Exchange, Finished, error_now, json_answer, send_error
 from txregistry.http.lists import serve_listing
 from txregistry.http.manifests import serve_manifest
-from txregistry.http.routing import Router, push_unsupported
+from txregistry.http.push_access import TOKEN_PATH, PushAccess
+from txregistry.http.routing import Router, push_refused
+from txregistry.http.uploads import PushAPI, discard_body
 from txregistry.oci.errors import RegistryError
 from txregistry.ops.metrics import CONTENT_TYPE
 from txregistry.repository.interface import IRepository, Kind, Route
@@ -57,9 +59,17 @@ class RegistryResource(Resource):
         metrics: Callable[[], bytes] | None = None,
         finished: Callable[[Finished], None] | None = None,
         peers: Collection[str] = (),
+        push: PushAPI | None = None,
+        access: PushAccess | None = None,
     ) -> None:
+        """
+        @param push: the push API, for the registries that take pushes.
+        @param access: who may push; with L{None}, nobody may.
+        """
         super().__init__()
         self._peers = frozenset(peers)
+        self._push = push
+        self._access = access
         self._router = router
         self._repository = repository
         self._health = health
@@ -90,12 +100,29 @@ class RegistryResource(Resource):
             request.responseHeaders.setRawHeaders(b"Content-Type", [CONTENT_TYPE.encode()])
             return self._metrics()
         request.responseHeaders.setRawHeaders(b"Docker-Distribution-API-Version", [b"registry/2.0"])
-        if request.method not in _READ_METHODS:
-            if path.startswith(b"/v2/"):
-                return error_now(request, push_unsupported())
+        if path == TOKEN_PATH and self._access is not None and request.method == b"GET":
+            exchange.kind = "token"
+            Deferred.fromCoroutine(self._token(exchange, self._access)).addErrback(
+                self._unexpected, exchange
+            )
+            return NOT_DONE_YET
+        if request.method not in _READ_METHODS and not path.startswith(b"/v2/"):
             return error_now(request, RegistryError.unsupported("only GET and HEAD are served"))
         if path in (b"/v2", b"/v2/"):
             exchange.kind = "base"
+            if request.method not in _READ_METHODS:
+                return error_now(request, RegistryError.unsupported("/v2/ is only pinged"))
+            access = self._access
+            if access is not None and access.needs_credentials:
+                if not access.ping_authorized(request):
+                    # See push_access: a Bearer challenge makes every client
+                    # send credentials for pushes, and still pull anonymously.
+                    return error_now(
+                        request,
+                        access.unauthorized(
+                            request, "log in to push; pulls need no credentials", None
+                        ),
+                    )
             return json_answer(request, {})
         try:
             ns = request.args.get(b"ns", [None])[0] if request.args else None
@@ -109,8 +136,35 @@ class RegistryResource(Resource):
         if ns is not None and not route.prefix:
             # The spec's "Registry Proxying": a registry scoped by ns says so.
             request.responseHeaders.setRawHeaders(b"OCI-Namespace", [ns])
-        Deferred.fromCoroutine(self._serve(exchange, route)).addErrback(self._unexpected, exchange)
+        if request.method not in _READ_METHODS or route.kind is Kind.UPLOADS:
+            serving = self._serve_push(exchange, route)
+        else:
+            serving = self._serve(exchange, route)
+        Deferred.fromCoroutine(serving).addErrback(self._unexpected, exchange)
         return NOT_DONE_YET
+
+    async def _token(self, exchange: Exchange, access: PushAccess) -> None:
+        code, document, headers = await access.token(exchange.request)
+        exchange.request.setResponseCode(code)
+        for name, value in headers.items():
+            exchange.set(name, value)
+        exchange.finish(json_answer(exchange.request, document))
+
+    async def _serve_push(self, exchange: Exchange, route: Route) -> None:
+        """A push: refused unless the registry takes pushes and the client may push."""
+        try:
+            target = self._push.target(route) if self._push is not None else None
+            if target is None or self._push is None:
+                discard_body(exchange)
+                raise push_refused(route.registry)
+            if self._access is None:
+                discard_body(exchange)
+                raise RegistryError(403, "DENIED", "pushes are turned off in this txregistry")
+            await self._access.check_push(exchange.request, route.repository)
+            await self._push.serve(exchange, route, target)
+        except RegistryError as e:
+            discard_body(exchange)
+            send_error(exchange, e)
 
     async def _serve(self, exchange: Exchange, route: Route) -> None:
         try:

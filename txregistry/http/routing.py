@@ -36,7 +36,10 @@ from txregistry.repository.interface import Kind, Route
 # "a/manifests/manifests/latest" is tag "latest" of repository "a/manifests".
 _OBJECT_RE = re.compile(r"(?P<name>.+)/(?P<kind>manifests|blobs|referrers)/(?P<ref>[^/]+)")
 _TAGS_RE = re.compile(r"(?P<name>.+)/tags/list")
-_UPLOAD_RE = re.compile(r".+/blobs/uploads(?:/.*)?")
+_UPLOAD_RE = re.compile(r"(?P<name>.+)/blobs/uploads(?:/(?P<upload>[^/]*))?")
+# An upload's id, as txregistry makes them (a UUID) or near enough to be
+# looked up; anything else is no upload of ours.
+_UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9_.=-]{1,100}")
 
 
 class Router:
@@ -73,10 +76,16 @@ class Router:
             raise RegistryError.not_found(f"no such path {text[:200]!r}")
         rest = text[len("/v2/") :]
 
-        if _UPLOAD_RE.fullmatch(rest):
-            raise push_unsupported()
-        match = _OBJECT_RE.fullmatch(rest)
+        upload = ""
+        match = _UPLOAD_RE.fullmatch(rest)
         if match is not None:
+            kind, name, ref_text = Kind.UPLOADS, match["name"], None
+            upload = match["upload"] or ""
+            if upload and not _UPLOAD_ID_RE.fullmatch(upload):
+                raise RegistryError(
+                    404, "BLOB_UPLOAD_UNKNOWN", f"no upload {upload[:100]!r} in progress"
+                )
+        elif (match := _OBJECT_RE.fullmatch(rest)) is not None:
             kind = Kind(match["kind"])
             name = match["name"]
             ref_text = match["ref"]
@@ -104,7 +113,7 @@ class Router:
         elif kind in (Kind.BLOB, Kind.REFERRERS):
             assert ref_text is not None
             reference = Digest.parse(ref_text)
-        return Route(registry, repository, kind, reference, prefix)
+        return Route(registry, repository, kind, reference, prefix, upload=upload)
 
     def _select_registry(self, name: str, ns: bytes | None) -> tuple[RegistryConfig, str, str]:
         first, _, remainder = name.partition("/")
@@ -133,11 +142,16 @@ def not_configured(registry: str) -> RegistryError:
     )
 
 
-def push_unsupported() -> RegistryError:
+def push_refused(registry: RegistryConfig) -> RegistryError:
     """
-    Pushing to a pull-through cache fails; say so plainly rather than
-    leaving the client with an "unknown blob" it cannot explain.
+    A push to a registry that takes none: 403, which clients do not retry
+    (Docker retries a 405), with what to configure instead.
     """
-    return RegistryError.unsupported(
-        "txregistry is a read-only pull-through cache: push to the upstream registry itself"
+    return RegistryError(
+        403,
+        "DENIED",
+        f"registry {registry.name} is a read-only pull-through cache in txregistry:"
+        f" push to a hosted registry (a [[registry]] with hosted = true, pushed to as"
+        f" localhost:5050/<name>/<image>), or set push = true on {registry.name} to push"
+        " through to its origin",
     )

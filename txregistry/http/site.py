@@ -16,6 +16,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from txregistry.http.bodies import RegistryRequest
 from txregistry.sockets import send_in_large_pieces
 
 
@@ -43,6 +44,7 @@ class RegistryChannel(HTTPChannel):
     _first_data = True
     _header_timer: IDelayedCall | None = None
     _in_request = False
+    request_line: tuple[bytes, bytes, bytes] | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -62,6 +64,10 @@ class RegistryChannel(HTTPChannel):
     def allHeadersReceived(self) -> None:
         self._stop_header_timer()
         self._in_request = True
+        # For RegistryRequest.gotLength, which renders a request that may
+        # carry a body before the body: Twisted keeps the request line on
+        # the channel until the body is in.
+        self.request_line = (self._command, self._path, self._version)
         super().allHeadersReceived()
 
     def requestDone(self, request: Request) -> None:
@@ -118,7 +124,9 @@ class RegistrySite(Site):
         idle_timeout: float = 300.0,
         reactor: IReactorTime | None = None,
     ) -> None:
-        super().__init__(resource, timeout=idle_timeout, reactor=reactor)
+        super().__init__(
+            resource, requestFactory=RegistryRequest, timeout=idle_timeout, reactor=reactor
+        )
         self.header_timeout = header_timeout
 
     def buildProtocol(self, addr: Any) -> Any:

@@ -39,6 +39,8 @@ class Kind(Enum):
     BLOB = "blobs"
     TAGS = "tags"
     REFERRERS = "referrers"
+    # Pushes: an upload session, C{blobs/uploads/[<id>]}.
+    UPLOADS = "uploads"
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class Route:
 
     prefix: str = ""
     peer: str | None = None
+    # For Kind.UPLOADS: the upload's id, or "" for a new one (a POST).
+    upload: str = ""
 
     @property
     def digest(self) -> Digest:
