@@ -31,14 +31,25 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from txregistry.config import CacheConfig, FleetConfig, MirrorConfig, RegistryConfig
+from txregistry.config import (
+    CacheConfig,
+    FleetConfig,
+    MirrorConfig,
+    RegistryConfig,
+    ServerConfig,
+)
 from txregistry.http.exchange import Finished
+from txregistry.http.push_access import PushAccess
 from txregistry.http.resource import RegistryResource
 from txregistry.http.routing import Router
 from txregistry.http.site import RegistrySite
+from txregistry.http.uploads import PushAPI
 from txregistry.oci.reference import Digest
 from txregistry.ops.metrics import Metrics
+from txregistry.repository.choose import ByRegistry
+from txregistry.repository.hosted import HostedRepository
 from txregistry.repository.pullthrough import PullThroughCache
+from txregistry.repository.uploads import Uploads
 from txregistry.storage.disk import DiskStorage
 from txregistry.storage.runner import run_inline
 from txregistry.storage.staging import InlineSpool, SpoolFactory
@@ -416,6 +427,30 @@ class Client:
         self.channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode())
         self._pump()
 
+    def send_body(self, data: bytes) -> None:
+        """More of the request's body, as it arrives from the network."""
+        self.channel.dataReceived(data)
+        self._pump()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: dict[str, str | list[str]] | None = None,
+    ) -> Response:
+        """One request with a body of known length, and its response."""
+        self.clear()
+        self.send(method, path, {"Content-Length": str(len(body)), **(headers or {})})
+        if body:
+            self.send_body(body)
+        return self.response()
+
+    def clear(self) -> None:
+        if hasattr(self.transport, "delivered"):
+            self.transport.delivered = b""
+        self.transport.clear()
+
     def response(self) -> Response:
         raw = getattr(self.transport, "delivered", b"") + self.transport.value()
         status, headers, body, complete = parse_response(raw, self._head)
@@ -448,6 +483,7 @@ class MemoryRegistry:
         hosts: dict[str, Resource] | None = None,
         spool: SpoolFactory = InlineSpool,
         fleet: FleetConfig | None = None,
+        server: ServerConfig | None = None,
         **cache: Any,
     ) -> None:
         """
@@ -476,6 +512,7 @@ class MemoryRegistry:
         self.upstreams = {
             r.name: Upstream(r, self.agent, self.clock, self.fleet, self.agent)
             for r in self.registries
+            if not r.hosted
         }
         self.cache = PullThroughCache(self.storage, self.upstreams, self.clock, self.cache_config)
         self.metrics = Metrics(self.cache, self.upstreams, self.storage, fleet=self.fleet)
@@ -486,14 +523,22 @@ class MemoryRegistry:
             self.finished.append(request)
             self.metrics.request_done(request.kind, request.status, request.cache, request.sent)
 
+        # Pushes, wired as the service wires them.
+        server = server or ServerConfig()
+        self.hosted = HostedRepository(self.storage, self.clock)
+        hosted = {r.name: self.hosted for r in self.registries if r.hosted}
+        self.uploads = Uploads(self.storage, self.clock)
+        self.access = PushAccess(server.push_from, server.push_users, run_inline, self.clock)
         resource = RegistryResource(
             Router(self.registries),
-            self.cache,
+            ByRegistry(self.cache, hosted),
             self.clock,
             lambda: (200, {"status": "ok"}),
             self.metrics.render,
             finished,
             peers=fleet.peers if fleet is not None else (),
+            push=PushAPI(dict(hosted), self.uploads),
+            access=self.access,
         )
         # The clock of client connections: header and idle timeouts.
         self.site_clock = MemoryReactorClock()

@@ -77,6 +77,7 @@ class StreamedBody:
         self._pending_size = 0
         self._consumer: BodyConsumer | None = None
         self._paused_by: set[str] = set()
+        self._closed = False
 
     @property
     def attached(self) -> bool:
@@ -99,8 +100,9 @@ class StreamedBody:
             self.attach(_Discard(self))
         elif not isinstance(self._consumer, _Discard):
             self._consumer = _Discard(self)
-        self._paused_by.clear()
-        self._producer().resumeProducing()
+        if self._paused_by:
+            self._paused_by.clear()
+            self._producer().resumeProducing()
 
     def feed(self, data: bytes) -> None:
         self.received += len(data)
@@ -132,13 +134,15 @@ class StreamedBody:
                 self._producer().resumeProducing()
 
     def close_connection(self) -> None:
-        channel = self._request.channel
+        channel = getattr(self._request, "channel", None)
+        self._closed = True
         if channel is not None and channel.transport is not None:
             channel.transport.loseConnection()
 
     def _producer(self) -> IPushProducer:
-        channel = self._request.channel
-        if channel is None or channel.transport is None:
+        # Twisted drops the request's channel once it is done with it.
+        channel = getattr(self._request, "channel", None)
+        if self._closed or channel is None or channel.transport is None:
             return _NoProducer()
         transport: Any = channel.transport
         if IPushProducer.providedBy(transport):
@@ -199,14 +203,21 @@ class RegistryRequest(Request):
         if self.finished and self.channel is not None:
             self._cleanup()
 
+    def write(self, data: bytes) -> None:
+        body = self.body
+        if body is not None and not body.ended and not self.startedWriting:
+            # Answered before the body arrived: the connection closes after
+            # the answer, since the rest of the body will not be read.
+            self.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+            if self.channel is not None:
+                self.channel.persistent = False
+        super().write(data)
+
     def finish(self) -> None:
         body = self.body
         if body is not None and not body.ended and not self.finished:
-            # Answered before the body arrived: close after the answer.
             if not self.startedWriting:
-                self.responseHeaders.setRawHeaders(b"Connection", [b"close"])
-            if self.channel is not None:
-                self.channel.persistent = False
+                self.write(b"")
             super().finish()
             body.discard()
             return

@@ -161,6 +161,7 @@ class PushAPI:
                 await self._post(exchange, route, target)
                 return
             upload = self.uploads.find(route, route.upload)
+            self.uploads.touch(upload)
             if method == b"PATCH":
                 await self._patch(exchange, upload)
             elif method == b"PUT":
