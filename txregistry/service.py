@@ -377,6 +377,11 @@ class RegistryService(MultiService):
         """
         cache = self.storage.describe()
         cache["scrub"] = self.scrubber.describe()
+        # Pushed content is pinned: counted apart, since eviction never touches it.
+        figures = self.storage.figures
+        cache["size"] = figures.size
+        cache["pinned"] = {"bytes": figures.pinned_size, "entries": figures.pinned_entries}
+        cache["uploads_in_progress"] = len(self.uploads)
         status = "ok" if self.storage.status == "ok" else "degraded"
         files = self.files.describe()
         if self.files.exhausted_recently():

@@ -15,10 +15,12 @@ import bcrypt
 import pytest
 from harness.memory import Client, MemoryRegistry
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
 from txregistry.config import MirrorConfig, PushUsers, RegistryConfig, Secret, ServerConfig
+from txregistry.repository import hosted_gc
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -503,6 +505,51 @@ class TestManifests:
         figures = registry.storage.figures
         assert figures.pinned_size >= len(layer) + len(body)
         assert figures.pinned_entries >= 4  # two blobs, the manifest, its records
+
+
+class TestGarbageCollection:
+    def collect(self, registry, grace=3600.0):
+        results = []
+        Deferred.fromCoroutine(
+            hosted_gc.collect(registry.storage, registry.clock.seconds(), grace)
+        ).addBoth(results.append)
+        (collected,) = results
+        return collected
+
+    def test_blobs_no_manifest_names_are_removed_after_the_grace_period(self, registry):
+        _, body, layer = push_image(registry, "1")
+        stray = push_blob(registry, b"pushed, never used")
+        pulled = registry.upstream.add_blob(b"pulled through the cache")
+        assert registry.get(f"/v2/alpine/blobs/{pulled}").status == 200
+        # Within the grace period: a push may still be on its way.
+        collected = self.collect(registry)
+        assert (collected.blobs, collected.kept_for_grace) == ([], 1)
+        registry.clock.advance(3601)
+        assert self.collect(registry).blobs == [stray]
+        assert registry.get(f"/v2/local/app/blobs/{stray}").status == 404
+        assert registry.get(f"/v2/local/app/blobs/{digest_of(layer)}").body == layer
+        assert registry.get(f"/v2/alpine/blobs/{pulled}").status == 200
+        # Once the manifest is deleted, its blobs and itself go too.
+        digest = digest_of(body)
+        assert (
+            registry.client().request("DELETE", f"/v2/local/app/manifests/{digest}").status == 202
+        )
+        registry.clock.advance(3601)
+        collected = self.collect(registry)
+        assert collected.manifests == [digest]
+        assert sorted(collected.blobs) == sorted([digest_of(layer), digest_of(b"{}")])
+        assert registry.get(f"/v2/alpine/blobs/{pulled}").status == 200
+
+    def test_a_manifest_check_restarts_the_grace_period_of_its_blobs(self, registry):
+        layer = push_blob(registry, b"layer pushed long ago")
+        config = push_blob(registry, b"{}")
+        registry.clock.advance(7200)
+        body = image_manifest(config, [(layer, 21)])
+        response = registry.client().request(
+            "PUT", "/v2/local/app/manifests/1", body, {"Content-Type": OCI_MANIFEST}
+        )
+        assert response.status == 201
+        assert self.collect(registry, grace=60).blobs == []
 
 
 def basic(user: str, password: str) -> str:

@@ -119,6 +119,9 @@ def test_health_reports_a_degraded_cache(tmp_path):
             "checked_bytes": 0,
             "corrupt_removed": 0,
         },
+        "size": 0,
+        "pinned": {"bytes": 0, "entries": 0},
+        "uploads_in_progress": 0,
     }
     service.storage.close()
 
@@ -143,3 +146,17 @@ def test_a_fleet_node_shows_its_peers_in_health_and_startup(tmp_path, logs):
     assert service.upstreams["docker.io"].fleet is service.fleet
     # Without [fleet], /health has no fleet.
     assert "fleet" not in service_for(tmp_path, config.registries[0]).health()[1]
+
+
+def test_health_counts_pinned_content_apart(tmp_path):
+    from txregistry.storage.interface import StorageFigures
+
+    service = service_for(tmp_path, RegistryConfig("local", (), hosted=True))
+    service.storage.figures = StorageFigures(
+        size=5000, entries=9, pinned_size=3000, pinned_entries=4
+    )
+    _, document = service.health()
+    assert document["cache"]["size"] == 5000
+    assert document["cache"]["pinned"] == {"bytes": 3000, "entries": 4}
+    # A hosted registry has no upstream to describe.
+    assert "local" not in document["registries"]

@@ -3,7 +3,7 @@ The C{txregistry} command: diagnosis and upkeep beside the service.
 
     txregistry doctor [--config FILE]
     txregistry prefetch [--server URL] [--config FILE] REF... [--platform P | --all-platforms]
-    txregistry cache stats|verify|gc [--config FILE]
+    txregistry cache stats|verify|gc [--config FILE] [--grace DURATION]
     txregistry config check FILE
 
 Without C{--config}, the commands read C{/etc/txregistry/txregistry.toml}
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Coroutine, Sequence
 from typing import IO, Any, TypeVar, cast
 
@@ -22,8 +23,16 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from txregistry import __version__
-from txregistry.config import Config, ConfigError, MirrorConfig, default_config, load_config
+from txregistry.config import (
+    Config,
+    ConfigError,
+    MirrorConfig,
+    default_config,
+    load_config,
+    parse_duration,
+)
 from txregistry.ops.listen import server_endpoint
+from txregistry.repository import hosted_gc
 from txregistry.storage import upkeep
 from txregistry.storage.disk import DiskStorage
 from txregistry.storage.runner import run_inline
@@ -95,7 +104,9 @@ def _describe_mirror(mirror: MirrorConfig) -> str:
     return mirror.url + (f" ({', '.join(notes)})" if notes else "")
 
 
-def cache_command(action: str, config: Config, out: IO[str]) -> int:
+def cache_command(
+    action: str, config: Config, out: IO[str], grace: float = hosted_gc.DEFAULT_GRACE
+) -> int:
     """C{cache stats}, C{cache verify} and C{cache gc}, on the cache directory."""
     storage = DiskStorage(config.cache.directory, config.cache.size_limit, run_inline)
     # Not exclusive: the service may be running on the same cache.
@@ -141,12 +152,23 @@ def cache_command(action: str, config: Config, out: IO[str]) -> int:
                 f"verified {checked} blobs and manifests: {len(removed)} corrupt, removed", file=out
             )
         else:
+            collected = _now(hosted_gc.collect(storage, time.time(), grace))
+            print(
+                f"removed {len(collected.manifests)} manifests and {len(collected.blobs)} blobs"
+                f" that no hosted manifest names; kept {collected.kept_for_grace} used within"
+                f" the last {_duration(grace)} (pushes in progress)",
+                file=out,
+            )
             evicted = _now(upkeep.gc(storage))
             size = _now(upkeep.stats(storage)).figures.size
             print(f"evicted {evicted} entries; the cache holds {_size(size)}", file=out)
     finally:
         storage.close()
     return 0
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:g}h" if seconds >= 3600 else f"{seconds:g}s"
 
 
 def _now(work: Coroutine[Any, Any, T]) -> T:
@@ -194,6 +216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache = commands.add_parser("cache", help="the cache's figures, verification and size limit")
     cache.add_argument("action", choices=["stats", "verify", "gc"])
     cache.add_argument("--config", help=f"config file (default: {DEFAULT_CONFIG})")
+    cache.add_argument(
+        "--grace",
+        default="1h",
+        help="gc: keep pushed blobs unused for less than this, for pushes in progress (1h)",
+    )
 
     config_parser = commands.add_parser("config", help="validate a config file")
     config_parser.add_argument("action", choices=["check"])
@@ -205,7 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_config(args.file, sys.stdout)
         config = _load(args.config)
         if args.command == "cache":
-            return cache_command(args.action, config, sys.stdout)
+            try:
+                grace = parse_duration(args.grace)
+            except ValueError as e:
+                print(f"txregistry: --grace: {e}", file=sys.stderr)
+                return 2
+            return cache_command(args.action, config, sys.stdout, grace)
         if args.command == "prefetch":
             from txregistry.cli.prefetch import (
                 PrefetchError,

@@ -126,6 +126,11 @@ class _StateCollector(Collector):
             "Bytes of pinned content, which eviction never removes (updated every 15s)",
             value=self._storage.figures.pinned_size,
         )
+        yield GaugeMetricFamily(
+            "txregistry_cache_pinned_entries",
+            "Pinned entries (pushed content), which eviction never removes (updated every 15s)",
+            value=self._storage.figures.pinned_entries,
+        )
         figures = self._storage.figures
         answers = figures.hits + figures.misses
         if answers:

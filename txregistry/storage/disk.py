@@ -530,6 +530,14 @@ class DiskStorage:
 
         return self._read(names).addCallback(lambda names: names or [])
 
+    def pinned(self, kind: str) -> Deferred[dict[str, float]]:
+        def pinned(cache: diskcache.Cache) -> dict[str, float]:
+            assert self._index is not None
+            prefix = f"{kind}/"
+            return {key[len(prefix) :]: t for key, t in self._index.pinned(prefix).items()}
+
+        return self._read(pinned).addCallback(lambda found: found or {})
+
     def count_answer(self, from_cache: bool) -> None:
         if from_cache:
             self._unwritten_hits += 1

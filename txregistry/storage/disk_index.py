@@ -143,6 +143,15 @@ class ContentIndex:
             ).fetchall()
         return [str(key) for (key,) in rows]
 
+    def pinned(self, prefix: str) -> dict[str, float]:
+        """The pinned keys starting with C{prefix}, with their access times."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, accessed FROM content WHERE pinned AND substr(key, 1, ?) = ?",
+                (len(prefix), prefix),
+            ).fetchall()
+        return {str(key): float(accessed) for key, accessed in rows}
+
     def is_pinned(self, key: str) -> bool:
         with self._lock:
             row = self._db.execute("SELECT pinned FROM content WHERE key = ?", (key,)).fetchone()

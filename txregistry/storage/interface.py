@@ -262,5 +262,11 @@ class IStorage(Interface):
     def entries(kind: str) -> Deferred[list[str]]:
         """The names of every entry of one kind, for upkeep."""
 
+    def pinned(kind: str) -> Deferred[dict[str, float]]:
+        """
+        The pinned entries of one kind, each with the clock time it was last
+        stored or read, for C{txregistry cache gc}'s grace period.
+        """
+
     def evict_to_limit() -> Deferred[int]:
         """Evict least recently used, unpinned entries until within the limit; how many."""

@@ -218,6 +218,18 @@ def test_pinned_content_is_never_evicted_and_counted_apart(make: Factory, clock:
     assert read_all(storage, pinned) is None
 
 
+def test_pinned_entries_are_listed_with_their_last_use(make: Factory, clock: Clock) -> None:
+    storage = make()
+    pinned = store_blob(storage, b"pushed", pinned=True)
+    store_blob(storage, b"pulled")
+    stored_at = clock.seconds()
+    assert result(storage.pinned(BLOB)) == {str(pinned): stored_at}
+    clock.advance(100)
+    assert read_all(storage, pinned) == b"pushed"
+    assert result(storage.pinned(BLOB)) == {str(pinned): stored_at + 100}
+    assert result(storage.pinned(MANIFEST)) == {}
+
+
 def test_entries_and_remove(make: Factory) -> None:
     storage = make()
     digest = store_blob(storage, b"blob")
