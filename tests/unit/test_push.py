@@ -618,6 +618,27 @@ class TestWhoMayPush:
         response = guarded.client().request("POST", "/v2/local/app/blobs/uploads/", b"", bearer)
         assert response.status == 401
 
+    def test_containerds_oauth2_password_grant(self, guarded):
+        client = guarded.client()
+        form = b"grant_type=password&service=txregistry&client_id=containerd-client"
+        good = client.request(
+            "POST",
+            "/auth/token",
+            form + b"&username=ci&password=s3cret-pw",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert good.status == 200
+        bearer = {"Authorization": "Bearer " + good.json()["access_token"]}
+        response = guarded.client().request("POST", "/v2/local/app/blobs/uploads/", b"", bearer)
+        assert response.status == 202
+        bad = guarded.client().request(
+            "POST",
+            "/auth/token",
+            form + b"&username=ci&password=nope",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert bad.status == 401
+
     def test_basic_credentials_push_directly(self, guarded):
         headers = {"Authorization": basic("ci", "s3cret-pw")}
         response = guarded.client().request("POST", "/v2/local/app/blobs/uploads/", b"", headers)

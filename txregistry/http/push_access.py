@@ -194,8 +194,13 @@ class PushAccess:
         """
         scheme, _, credentials = _authorization(request).partition(" ")
         user: str | None = None
-        if scheme.lower() == "basic":
-            name, password = _basic(credentials)
+        name, password = _basic(credentials) if scheme.lower() == "basic" else (None, "")
+        if request.method == b"POST":
+            # containerd asks with an OAuth2 password grant first (a form).
+            args = request.args or {}
+            name = (args.get(b"username") or [b""])[0].decode("utf-8", "replace") or None
+            password = (args.get(b"password") or [b""])[0].decode("utf-8", "replace")
+        if name is not None or scheme.lower() == "basic":
             if name is None or self.users is None or not await self.valid(name, password):
                 self.log.info(
                     "refused a push token to {client}: wrong user name or password for {user!r}",

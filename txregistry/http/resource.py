@@ -100,7 +100,7 @@ class RegistryResource(Resource):
             request.responseHeaders.setRawHeaders(b"Content-Type", [CONTENT_TYPE.encode()])
             return self._metrics()
         request.responseHeaders.setRawHeaders(b"Docker-Distribution-API-Version", [b"registry/2.0"])
-        if path == TOKEN_PATH and self._access is not None and request.method == b"GET":
+        if path == TOKEN_PATH and self._access is not None and request.method in (b"GET", b"POST"):
             exchange.kind = "token"
             Deferred.fromCoroutine(self._token(exchange, self._access)).addErrback(
                 self._unexpected, exchange
