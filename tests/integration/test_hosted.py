@@ -77,13 +77,7 @@ def test_skopeo_pushes_and_pulls_back_by_tag_and_digest(tmp_path, skopeo):
         push(skopeo, layout, f"127.0.0.1:{port}/local/other:1")
         mounts = [line for line in process.lines if "mount=" in line and '" 201 ' in line]
         assert mounts, "\n".join(line for line in process.lines if "local/other" in line)
-        stats = subprocess.run(
-            [sys.executable, "-m", "txregistry", "cache", "stats", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={"PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"]},
-        ).stdout
+        stats = command("cache", "stats", "--config", str(config))
         pinned = re.search(r"pinned +([\d.]+) MiB", stats)
         assert pinned is not None and float(pinned[1]) >= 3.0, stats
     finally:
@@ -93,8 +87,50 @@ def test_skopeo_pushes_and_pulls_back_by_tag_and_digest(tmp_path, skopeo):
     try:
         pulled = skopeo.pull_now(f"127.0.0.1:{port}/local/team/app:1", tmp_path / "after")
         check_pulled(pulled, digest)
+        # Deleted from one repository, the image is still the other's.
+        delete(port, f"/v2/local/team/app/manifests/{digest}")
+        gc = command("cache", "gc", "--config", str(config), "--grace", "1ms")
+        assert "removed 0 manifests and 0 blobs" in gc, gc
+        delete(port, f"/v2/local/other/manifests/{digest}")
+        gc = command("cache", "gc", "--config", str(config), "--grace", "1ms")
+        assert "removed 1 manifests and 2 blobs" in gc, gc
+        missing = subprocess.run(
+            [
+                *skopeo_copy(skopeo),
+                f"docker://127.0.0.1:{port}/local/other:1",
+                f"dir:{tmp_path / 'gone'}",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert missing.returncode != 0 and "manifest unknown" in missing.stderr.lower()
     finally:
         stop(process)
+
+
+def command(*args: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "txregistry", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": os.environ["PATH"]},
+    ).stdout
+
+
+def delete(port: int, path: str) -> None:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="DELETE")
+    assert urllib.request.urlopen(request).status == 202
+
+
+def skopeo_copy(skopeo: Skopeo) -> list[str]:
+    return [
+        "skopeo",
+        "--policy",
+        str(skopeo.policy),
+        "copy",
+        "--src-tls-verify=false",
+    ]
 
 
 def test_push_users_file_needs_credentials_and_pulls_stay_anonymous(tmp_path, skopeo):

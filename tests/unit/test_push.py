@@ -341,6 +341,30 @@ class TestLargeBodies:
         spools[-1].catch_up()
         assert client.response().status == 202
 
+    def test_expect_100_continue(self, registry):
+        data = os.urandom(1000)
+        client = registry.client()
+        location = post(client)
+        client.clear()
+        client.send(
+            "PUT",
+            f"{location}?digest={digest_of(data)}",
+            {"Content-Length": str(len(data)), "Expect": "100-continue"},
+        )
+        assert client.transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+        client.clear()
+        client.send_body(data)
+        assert client.response().status == 201
+        # A refusal is final: no 100 Continue after it.
+        refused = tcp_like_client(registry)
+        refused.send(
+            "PUT",
+            "/v2/alpine/manifests/1",
+            {"Content-Length": "1000", "Expect": "100-continue"},
+        )
+        assert b"100 Continue" not in refused.transport.value()
+        assert refused.response().status == 403
+
     def test_a_refused_push_answers_at_once_and_closes(self, registry):
         # The body is not read to its end: 1 GiB refused costs nothing.
         client = tcp_like_client(registry)

@@ -153,15 +153,15 @@ def cache_command(
             )
         else:
             collected = _now(hosted_gc.collect(storage, time.time(), grace))
+            evicted = _now(upkeep.gc(storage))
+            size = _now(upkeep.stats(storage)).figures.size
+            print(f"evicted {evicted} entries; the cache holds {_size(size)}", file=out)
             print(
                 f"removed {len(collected.manifests)} manifests and {len(collected.blobs)} blobs"
                 f" that no hosted manifest names; kept {collected.kept_for_grace} used within"
                 f" the last {_duration(grace)} (pushes in progress)",
                 file=out,
             )
-            evicted = _now(upkeep.gc(storage))
-            size = _now(upkeep.stats(storage)).figures.size
-            print(f"evicted {evicted} entries; the cache holds {_size(size)}", file=out)
     finally:
         storage.close()
     return 0

@@ -70,6 +70,14 @@ class RegistryChannel(HTTPChannel):
         self.request_line = (self._command, self._path, self._version)
         super().allHeadersReceived()
 
+    def _send100Continue(self) -> None:
+        # A push may be answered from its headers alone (a refusal) before
+        # Twisted would say "100 Continue": the answer is final, and a 100
+        # after it would be read as the next response.
+        if self.requests and self.requests[-1].startedWriting:
+            return
+        super()._send100Continue()
+
     def requestDone(self, request: Request) -> None:
         super().requestDone(request)
         self._in_request = False
