@@ -235,3 +235,17 @@ def test_doctor_says_where_a_peer_disagrees_with_this_node():
     text = render_peers("http://a:5050", [report])
     assert "http://b:5050  FAIL     -        no answer: connection refused" in text
     assert "conclusion: 1 of 1 peers have problems" in text
+
+
+def test_config_check_describes_hosted_registries_and_who_may_push(tmp_path, capsys):
+    config = tmp_path / "txregistry.toml"
+    config.write_text(
+        '[server]\nadmin_listen = []\npush_from = ["10.0.0.0/8"]\n'
+        f'[cache]\ndirectory = "{tmp_path / "cache"}"\n'
+        '[[registry]]\nname = "local"\nhosted = true\n'
+    )
+    out = io.StringIO()
+    assert check_config(str(config), out) == 0, capsys.readouterr().err
+    text = out.getvalue()
+    assert "registry local: hosted here, pushed content kept pinned" in text
+    assert "pushes from: 10.0.0.0/8, no credentials" in text

@@ -622,3 +622,71 @@ def test_fleet_lists_the_other_peers_normalized(tmp_path):
 )
 def test_bad_fleet_keys_are_named(tmp_path, text, message):
     assert message in config_error(tmp_path, "[fleet]\n" + text)
+
+
+class TestPushConfig:
+    def test_hosted_and_push_through_registries(self, tmp_path):
+        config = load_config(
+            write(
+                tmp_path,
+                """
+                [server]
+                push_from = ["10.0.0.0/8", "::1/128"]
+                [[registry]]
+                name = "local"
+                hosted = true
+                [[registry]]
+                name = "registry.example.com"
+                mirrors = ["https://registry.example.com"]
+                push = true
+                push_chunk_size = "20MiB"
+                """,
+            ),
+            environ={},
+        )
+        local, origin = config.registries
+        assert (local.hosted, local.mirrors, local.takes_pushes) == (True, (), True)
+        assert (origin.push, origin.push_chunk_size, origin.hosted) == (True, 20 << 20, False)
+        assert config.server.push_from == ("10.0.0.0/8", "::1/128")
+        assert config.server.push_users is None
+
+    @pytest.mark.parametrize(
+        "table, key, problem",
+        [
+            ('hosted = true\nmirrors = ["https://r.example"]', "hosted", "has no mirrors"),
+            ("hosted = true\npush = true", "push", "takes pushes itself"),
+            (
+                'push = true\nmirrors = [{ url = "https://r.example", resolve_tags = false }]',
+                "push",
+                "resolve tags",
+            ),
+            (
+                'mirrors = ["https://r.example"]\npush_chunk_size = "1KiB"',
+                "push_chunk_size",
+                "1MiB",
+            ),
+            ("", "mirrors", "hosted = true"),
+        ],
+    )
+    def test_contradictions_name_the_key(self, tmp_path, table, key, problem):
+        error = config_error(tmp_path, f'[[registry]]\nname = "x.example"\n{table}\n')
+        assert f"registry[0].{key}" in error and problem in error
+
+    def test_push_from_takes_networks_only(self, tmp_path):
+        error = config_error(tmp_path, '[server]\npush_from = ["loopback"]\n')
+        assert "server.push_from" in error and "10.0.0.0/8" in error
+
+    def test_push_users_file(self, tmp_path):
+        users = tmp_path / "push.htpasswd"
+        users.write_text("ci:$2y$05$abcdefghijklmnopqrstuuDqXzM3wF1y8s2YkTqfW9Q0U7nG1hC2e\n")
+        text = f'[server]\npush_users_file = "{users}"\n'
+        users.chmod(0o644)
+        assert "chmod 600" in config_error(tmp_path, text)
+        users.chmod(0o600)
+        config = load_config(write(tmp_path, text), environ={})
+        assert config.server.push_users is not None
+        assert config.server.push_users.hash_for("ci") is not None
+        assert "$2y$" not in repr(config.server.push_users)
+        users.write_text("ci:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n")
+        error = config_error(tmp_path, text)
+        assert "server.push_users_file" in error and "htpasswd -B" in error

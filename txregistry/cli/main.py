@@ -92,8 +92,16 @@ def check_config(path: str, out: IO[str]) -> int:
             extras.append(f"user {registry.credentials.username}")
         if registry.offline:
             extras.append("offline")
+        if registry.push:
+            extras.append(f"push-through, chunks of at most {registry.push_chunk_size} bytes")
         suffix = f" ({', '.join(extras)})" if extras else ""
+        if registry.hosted:
+            mirrors = "hosted here, pushed content kept pinned"
         print(f"  registry {registry.name}{suffix}: {mirrors}", file=out)
+    server = config.server
+    users = f", users from {server.push_users.path}" if server.push_users else ", no credentials"
+    if any(r.takes_pushes for r in config.registries):
+        print(f"  pushes from: {', '.join(server.push_from)}{users}", file=out)
     return 0
 
 

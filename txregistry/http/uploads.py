@@ -229,6 +229,8 @@ class PushAPI:
         if not digest_text:
             raise RegistryError.digest_invalid("a PUT that ends an upload needs ?digest=")
         digest = Digest.parse(digest_text)
+        if upload.busy:
+            raise _upload_busy(upload)
         body = _body(exchange)
         if body.length != 0:
             self._check_range(exchange, upload)

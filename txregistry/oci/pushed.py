@@ -12,15 +12,42 @@ and manifests by valid digests.  Whether those exist is the target's to say
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from txregistry.oci.errors import RegistryError
 from txregistry.oci.mediatypes import INDEX_TYPES, MANIFEST_TYPES, base_type
 from txregistry.oci.reference import Digest
-from txregistry.repository.push import PushedManifest
 
 # distribution's own limit (registry/handlers/manifests.go, maxManifestBodySize).
 MAX_MANIFEST_SIZE = 4 << 20
+
+
+@dataclass(frozen=True)
+class PushedManifest:
+    """
+    A manifest a client pushed, checked: valid JSON, a known media type, at
+    most 4 MiB, and every blob and manifest it names present at the target
+    (asked through the push target: L{txregistry.repository.push}).
+
+    @ivar tag: the tag it was pushed under, or L{None} when pushed by digest.
+    @ivar references: the digests of the blobs (config, layers) it names.
+    @ivar manifests: the digests of the manifests it names (an index).
+    @ivar subject: the manifest it refers to (C{subject}), for the
+        referrers API and the C{OCI-Subject} answer header.
+    @ivar artifact_type: its C{artifactType} (or its config's media type),
+        for the referrers API.
+    """
+
+    digest: Digest
+    media_type: str
+    body: bytes
+    tag: str | None
+    references: tuple[Digest, ...] = ()
+    manifests: tuple[Digest, ...] = ()
+    subject: Digest | None = None
+    artifact_type: str | None = None
+    annotations: tuple[tuple[str, str], ...] = ()
 
 
 def manifest_invalid(message: str) -> RegistryError:

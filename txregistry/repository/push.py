@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from zope.interface import Interface
 
+from txregistry.oci.pushed import PushedManifest
 from txregistry.oci.reference import Digest
 from txregistry.repository.interface import Route
 from txregistry.storage.interface import IStagedBlob
@@ -46,31 +47,7 @@ class VerifiedBlob:
     staged: IStagedBlob
 
 
-@dataclass(frozen=True)
-class PushedManifest:
-    """
-    A manifest a client pushed, checked: valid JSON, a known media type, at
-    most 4 MiB, and every blob and manifest it names present at the target
-    (asked through L{IPushTarget.blob_size} and L{IPushTarget.has_manifest}).
-
-    @ivar tag: the tag it was pushed under, or L{None} when pushed by digest.
-    @ivar references: the digests of the blobs (config, layers) it names.
-    @ivar manifests: the digests of the manifests it names (an index).
-    @ivar subject: the manifest it refers to (C{subject}), for the
-        referrers API and the C{OCI-Subject} answer header.
-    @ivar artifact_type: its C{artifactType} (or its config's media type),
-        for the referrers API.
-    """
-
-    digest: Digest
-    media_type: str
-    body: bytes
-    tag: str | None
-    references: tuple[Digest, ...] = ()
-    manifests: tuple[Digest, ...] = ()
-    subject: Digest | None = None
-    artifact_type: str | None = None
-    annotations: tuple[tuple[str, str], ...] = ()
+__all__ = ["IPushTarget", "PushedManifest", "VerifiedBlob"]
 
 
 class IPushTarget(Interface):
