@@ -256,6 +256,16 @@ class TestUploadStyles:
         status = registry.client().request("GET", location)
         assert (status.status, status.headers["range"]) == (204, "0-59")
 
+    def test_uploads_in_progress_are_limited(self, registry):
+        registry.uploads.max_uploads = 2
+        client = registry.client()
+        first = post(client)
+        post(client)
+        refused = client.request("POST", "/v2/local/app/blobs/uploads/")
+        assert (refused.status, refused.json()["errors"][0]["code"]) == (429, "TOOMANYREQUESTS")
+        assert client.request("DELETE", first).status == 204
+        post(client)
+
     def test_mount_of_a_blob_that_is_there(self, registry):
         digest = push_blob(registry, b"shared layer", "one")
         response = registry.client().request(

@@ -77,11 +77,17 @@ class Uploads:
         clock: IReactorTime,
         expire_after: float = 1800.0,
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        max_uploads: int = 128,
     ) -> None:
+        """
+        @param max_uploads: how many uploads may be in progress at once: each
+            holds a staged file open, and its writer's threads.
+        """
         self._storage = storage
         self._clock = clock
         self.expire_after = expire_after
         self._new_id = new_id
+        self.max_uploads = max_uploads
         self._uploads: dict[str, Upload] = {}
         self.expired = 0
 
@@ -94,6 +100,14 @@ class Uploads:
 
         @raise RegistryError: 503 when the storage cannot stage anything.
         """
+        if len(self._uploads) >= self.max_uploads:
+            raise RegistryError(
+                429,
+                "TOOMANYREQUESTS",
+                f"{len(self._uploads)} uploads are in progress, the most txregistry keeps:"
+                " finish or cancel some, or wait for abandoned ones to expire",
+                headers={"Retry-After": "10"},
+            )
         if not self._storage.can_stage(None):
             raise _cannot_store(self._storage.problem or "the cache is not open")
         try:
