@@ -631,6 +631,7 @@ class TestWhoMayPush:
         # ... and cannot push with it.
         response = guarded.client().request("POST", "/v2/local/app/blobs/uploads/", b"", bearer)
         assert response.status == 401
+        assert "pushing needs credentials: docker login" in response.body.decode()
 
     def test_a_push_without_credentials_is_challenged(self, guarded):
         response = guarded.client().request("POST", "/v2/local/app/blobs/uploads/")

@@ -149,13 +149,21 @@ class PushAccess:
             return None
         scope = f"repository:{repository}:pull,push"
         scheme, _, credentials = _authorization(request).partition(" ")
+        login = (
+            f"pushing needs credentials: docker login {_host(request)} (or podman login;"
+            f" users are in {self.users.path})"
+        )
         if scheme.lower() == "bearer":
-            user = self._token_user(credentials.strip())
-            if user is not None:
+            claims = self._token_claims(credentials.strip())
+            if claims is None:
+                raise self.unauthorized(
+                    request, "the push token is invalid or expired: log in again", scope
+                )
+            user = claims.get("sub")
+            if isinstance(user, str):
                 return user
-            raise self.unauthorized(
-                request, "the push token is invalid or expired: log in again", scope
-            )
+            # An anonymous token, which a client without credentials got.
+            raise self.unauthorized(request, login, scope)
         if scheme.lower() == "basic":
             user, password = _basic(credentials)
             if user is not None and await self.valid(user, password):
@@ -163,12 +171,7 @@ class PushAccess:
             raise self.unauthorized(
                 request, f"wrong user name or password for user {user!r}", scope
             )
-        raise self.unauthorized(
-            request,
-            f"pushing needs credentials: docker login {_host(request)} (users are in"
-            f" {self.users.path})",
-            scope,
-        )
+        raise self.unauthorized(request, login, scope)
 
     async def valid(self, user: str, password: str) -> bool:
         assert self.users is not None
@@ -225,12 +228,6 @@ class PushAccess:
         payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=")
         signature = hmac.new(self._key, payload, hashlib.sha256).digest()
         return (payload + b"." + base64.urlsafe_b64encode(signature).rstrip(b"=")).decode()
-
-    def _token_user(self, token: str) -> str | None:
-        """The user of a valid, unexpired push token, else None (an anonymous one too)."""
-        claims = self._token_claims(token)
-        user = claims.get("sub") if claims is not None else None
-        return user if isinstance(user, str) else None
 
     def ping_authorized(self, request: Request) -> bool:
         """
