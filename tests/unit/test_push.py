@@ -402,6 +402,24 @@ class TestManifests:
         assert tags.json() == {"name": "app", "tags": ["1.0"]}
         assert registry.upstream.seen == []
 
+    def test_tags_are_listed_in_pages_and_heads_answer(self, registry):
+        _, body, _ = push_image(registry, "a")
+        for tag in ("c", "b"):
+            response = registry.client().request(
+                "PUT", f"/v2/local/app/manifests/{tag}", body, {"Content-Type": OCI_MANIFEST}
+            )
+            assert response.status == 201
+        page = registry.get("/v2/local/app/tags/list?n=2")
+        assert page.json()["tags"] == ["a", "b"]
+        assert page.headers["link"] == '</v2/local/app/tags/list?n=2&last=b>; rel="next"'
+        assert registry.get("/v2/local/app/tags/list?n=2&last=b").json()["tags"] == ["c"]
+        head = registry.head("/v2/local/app/manifests/b")
+        assert (head.status, head.body) == (200, b"")
+        assert head.headers["content-length"] == str(len(body))
+        assert head.headers["docker-content-digest"] == digest_of(body)
+        missing = registry.get("/v2/local/nothing/tags/list")
+        assert (missing.status, missing.json()["errors"][0]["code"]) == (404, "NAME_UNKNOWN")
+
     def test_a_missing_blob_is_named(self, registry):
         config = push_blob(registry, b"{}")
         missing = digest_of(b"never pushed")

@@ -144,9 +144,9 @@ class HostedRepository:
         headers = {"Content-Type": "application/json"}
         if len(names) > limit:
             names = names[:limit]
+            # As an upstream's: the HTTP layer adds the client's path prefix.
             headers["Link"] = (
-                f"</v2/{route.prefix + '/' if route.prefix else ''}{route.repository}"
-                f'/tags/list?n={limit}&last={names[-1]}>; rel="next"'
+                f'</v2/{route.repository}/tags/list?n={limit}&last={names[-1]}>; rel="next"'
             )
         body = json.dumps({"name": route.repository, "tags": names}).encode()
         return Listing(200, headers, body)
