@@ -115,7 +115,9 @@ class FakeOrigin(Resource):
         if "blobs" in parts:
             digest = parts[-1]
             if method == b"HEAD":
-                request.setResponseCode(200 if digest in self.blobs else 404)
+                if digest not in self.blobs:
+                    return _error(request, 404, "BLOB_UNKNOWN", "blob unknown")
+                request.setHeader(b"Content-Length", str(len(self.blobs[digest])).encode())
                 return b""
             if method == b"DELETE":
                 request.setResponseCode(202 if self.blobs.pop(digest, None) else 404)

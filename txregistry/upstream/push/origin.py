@@ -208,15 +208,56 @@ class OriginPusher:
 
     async def has_blob(self, repository: str, digest: Digest) -> bool:
         """Whether the origin has a blob (C{HEAD}, 200)."""
-        step = "HEAD of the blob"
-        what = f"{repository}@{digest}"
-        response = await self._ask(b"HEAD", self._url(repository, f"blobs/{digest}"), step, what)
+        return await self.blob_size(repository, digest) is not None
+
+    async def blob_size(self, repository: str, digest: Digest) -> int | None:
+        """The size of a blob the origin has (C{HEAD}), or None if it has none."""
+        return await self._head(repository, f"blobs/{digest}", "HEAD of the blob", str(digest))
+
+    async def has_manifest(self, repository: str, digest: Digest) -> bool:
+        """Whether the origin has a manifest (C{HEAD}, 200)."""
+        step = "HEAD of the manifest"
+        return await self._head(repository, f"manifests/{digest}", step, str(digest)) is not None
+
+    async def _head(self, repository: str, path: str, step: str, name: str) -> int | None:
+        what = f"{repository}@{name}"
+        response = await self._ask(b"HEAD", self._url(repository, path), step, what)
         discard_body(response)
         if response.code == 200:
-            return True
+            length = header(response, "Content-Length")
+            return int(length) if length is not None and length.isdigit() else 0
         if response.code == 404:
-            return False
+            return None
         raise await self._failed(step, response, what)
+
+    async def mount(self, repository: str, digest: Digest, from_repository: str) -> bool:
+        """
+        Ask the origin to mount a blob from another of its repositories
+        (C{POST ?mount=&from=}): whether it did.  An upload it opens instead
+        is cancelled: the client is given one of txregistry's own.
+        """
+        step = "POST ?mount= (cross-repository mount)"
+        what = f"{repository}@{digest}"
+        query = urlencode({"mount": str(digest), "from": from_repository})
+        url = self._url(repository, f"blobs/uploads/?{query}")
+        response = await self._ask(b"POST", url, step, what)
+        discard_body(response)
+        if response.code == 201:
+            self.log.info(
+                "push {what}: mounted from {source} at the origin",
+                what=what,
+                source=from_repository,
+            )
+            self._remember(repository, digest)
+            return True
+        location = header(response, "Location")
+        if response.code == 202 and location:
+            try:
+                cancelled = await self._send(b"DELETE", urljoin(url, location), "DELETE")
+                discard_body(cancelled)
+            except _NoAnswer:
+                pass
+        return False
 
     async def _start_upload(self, repository: str, what: str) -> _Upload:
         step = "POST (starting the upload)"
