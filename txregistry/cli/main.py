@@ -1,7 +1,7 @@
 """
 The C{txregistry} command: diagnosis and upkeep beside the service.
 
-    txregistry doctor [--config FILE]
+    txregistry doctor [--config FILE] [--push REGISTRY[/REPOSITORY]]
     txregistry prefetch [--server URL] [--config FILE] REF... [--platform P | --all-platforms]
     txregistry cache stats|verify|gc [--config FILE] [--grace DURATION]
     txregistry config check FILE
@@ -206,6 +206,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     doctor = commands.add_parser("doctor", help="check every registry's mirrors from this machine")
     doctor.add_argument("--config", help=f"config file (default: {DEFAULT_CONFIG})")
+    doctor.add_argument(
+        "--push",
+        metavar="REGISTRY[/REPOSITORY]",
+        help="instead, push a test image to the registry's origin, step by step, and clean up",
+    )
 
     prefetch = commands.add_parser("prefetch", help="warm a running txregistry's cache with images")
     prefetch.add_argument(
@@ -261,23 +266,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
             wanted = None if args.all_platforms else (args.platform or host_platform())
             return run(server, args.references, wanted)
-        return run_doctor(config)
+        return run_doctor(config, args.push)
     except ConfigError as e:
         print(f"txregistry: config error: {e}", file=sys.stderr)
         return 2
 
 
-def run_doctor(config: Config) -> int:
-    """Run the doctor on a reactor of its own; return its exit code."""
+def run_doctor(config: Config, push: str | None = None) -> int:
+    """Run the doctor (or its test push) on a reactor of its own; return its exit code."""
     from twisted.internet import task
     from twisted.internet.defer import Deferred
 
     from txregistry.cli.doctor import doctor
+    from txregistry.cli.doctor_push import doctor_push
 
     codes: list[int] = []
 
     async def diagnose(reactor: object) -> None:
-        codes.append(await doctor(reactor, config, sys.stdout))
+        if push is not None:
+            codes.append(await doctor_push(reactor, config, push, sys.stdout))
+        else:
+            codes.append(await doctor(reactor, config, sys.stdout))
 
     try:
         task.react(lambda reactor: Deferred.fromCoroutine(diagnose(reactor)))

@@ -1,0 +1,164 @@
+"""
+Push-through with real parts: distribution with htpasswd auth behind a real
+nginx with a 100 MiB body limit and unbuffered request bodies, and an
+nginx TLS terminator that does not pass X-Forwarded-Proto.  The 256 MiB
+layer is generated as it is sent, never held in memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+import pytest_twisted
+from harness.cdn import CdnOrigin
+from twisted.internet import reactor
+
+from txregistry.cli.doctor_push import GeneratedBlob, doctor_push
+from txregistry.config import CacheConfig, Config, Credentials, MirrorConfig, RegistryConfig, Secret
+from txregistry.upstream.dns import ExplainingResolver
+from txregistry.upstream.endpoints import registry_agent
+from txregistry.upstream.push import OriginPusher, PushFailed
+
+pytestmark = pytest.mark.integration
+
+USER, PASSWORD = "pusher", "cdn-Passw0rd!"
+CREDENTIALS = Credentials(USER, Secret(PASSWORD), "test")
+
+
+@pytest.fixture(scope="module")
+def cdn(tmp_path_factory, ca) -> Iterator[CdnOrigin]:
+    origin = CdnOrigin(tmp_path_factory.mktemp("cdn"), ca, USER, PASSWORD)
+    try:
+        yield origin
+    finally:
+        origin.stop()
+
+
+def origin_registry(url: str, ca=None, **keys) -> RegistryConfig:
+    return RegistryConfig(
+        "registry.example.com",
+        (MirrorConfig(url),),
+        push=True,
+        credentials=CREDENTIALS,
+        ca_file=ca.cert_path if ca is not None else None,
+        **keys,
+    )
+
+
+def pusher_for(registry: RegistryConfig) -> OriginPusher:
+    resolver = ExplainingResolver.for_reactor(reactor)
+    return OriginPusher(registry, registry_agent(reactor, resolver, registry), reactor)
+
+
+def origin_head(cdn: CdnOrigin, repository: str, digest: str) -> tuple[int, int]:
+    """The origin's own answer to a HEAD of a blob, asked directly."""
+    request = urllib.request.Request(
+        f"{cdn.registry.url}/v2/{repository}/blobs/{digest}", method="HEAD"
+    )
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    with urllib.request.urlopen(request) as response:
+        return response.status, int(response.headers["Content-Length"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_256_mib_layer_pushes_through_a_100_mib_body_limit(cdn):
+    registry = origin_registry(cdn.limited_url)
+    layer = GeneratedBlob(256 << 20)
+    start = cdn.registry.mark()
+
+    uploaded = await pusher_for(registry).push_blob("team/app", layer.digest, layer.size, layer)
+
+    assert uploaded is True
+    assert origin_head(cdn, "team/app", str(layer.digest)) == (200, 256 << 20)
+    accesses = cdn.registry.accesses(start)
+    patches = [a for a in accesses if a.method == "PATCH"]
+    # 50 MiB chunks: five whole ones and the 6 MiB rest, every one accepted.
+    assert [a.status for a in patches] == [202] * 6
+    assert [a.status for a in accesses if a.method == "PUT"] == [201]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_chunk_size_above_the_limit_fails_with_the_body_limit_diagnosis(cdn):
+    registry = origin_registry(cdn.limited_url, push_chunk_size=128 << 20)
+    layer = GeneratedBlob(160 << 20)
+
+    with pytest.raises(PushFailed) as caught:
+        await pusher_for(registry).push_blob("team/app", layer.digest, layer.size, layer)
+
+    message = caught.value.message
+    assert "PATCH of the chunk at offset 0 (128MiB)" in message
+    assert "HTTP 413" in message
+    assert "likely cause: a proxy or CDN in front of the registry limits request bodies" in message
+    assert "lower push_chunk_size (now 128MiB)" in message
+    assert PASSWORD not in message
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_location_switched_to_http_by_a_tls_terminator_is_refused(cdn, ca):
+    registry = origin_registry(cdn.tls_url, ca)
+    layer = GeneratedBlob(3 << 20)
+
+    with pytest.raises(PushFailed) as caught:
+        await pusher_for(registry).push_blob("team/app", layer.digest, layer.size, layer)
+
+    message = caught.value.message
+    assert "POST (starting the upload)" in message
+    assert re.search(r"its Location http://127\.0\.0\.1:\d+/v2/team/app/blobs/uploads/", message)
+    assert "switches from https to http: refused, not followed" in message
+    assert "X-Forwarded-Proto" in message
+
+
+def config_for(tmp_path, registry: RegistryConfig) -> Config:
+    return Config(cache=CacheConfig(tmp_path / "cache"), registries=(registry,))
+
+
+@pytest_twisted.ensureDeferred
+async def test_doctor_push_reports_each_step_and_cleans_up(cdn, tmp_path):
+    config = config_for(tmp_path, origin_registry(cdn.limited_url))
+    out = io.StringIO()
+
+    code = await doctor_push(reactor, config, "registry.example.com/team/doctor", out)
+
+    text = out.getvalue()
+    assert code == 0, text
+    assert "ok    small blob" in text
+    assert "ok    large blob (51MiB, more than push_chunk_size)" in text
+    assert "PATCH chunk at offset 52428800, 1048576 bytes" in text
+    assert "ok    manifest (txregistry-doctor)" in text
+    assert "DELETE manifest: deleted" in text
+    assert "DELETE large blob: deleted" in text
+    assert "conclusion: ok" in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_doctor_push_names_the_failed_step_and_the_cause(cdn, ca, tmp_path):
+    config = config_for(tmp_path, origin_registry(cdn.tls_url, ca))
+    out = io.StringIO()
+
+    code = await doctor_push(reactor, config, "registry.example.com/team/doctor", out)
+
+    text = out.getvalue()
+    assert code == 1, text
+    assert "FAIL  small blob" in text
+    assert "conclusion: the push failed at the small blob" in text
+    assert "X-Forwarded-Proto" in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_doctor_push_with_chunks_above_the_limit(cdn, tmp_path):
+    registry = origin_registry(cdn.limited_url, push_chunk_size=120 << 20)
+    out = io.StringIO()
+
+    code = await doctor_push(reactor, config_for(tmp_path, registry), "registry.example.com", out)
+
+    text = out.getvalue()
+    assert code == 1, text
+    assert "ok    small blob" in text
+    assert "FAIL  large blob (121MiB, more than push_chunk_size)" in text
+    assert "lower push_chunk_size (now 120MiB)" in text
