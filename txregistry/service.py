@@ -55,6 +55,7 @@ from txregistry.repository.hosted import HostedRepository
 from txregistry.repository.interface import IRepository
 from txregistry.repository.pullthrough import PullThroughCache
 from txregistry.repository.push import IPushTarget
+from txregistry.repository.push_through import PushThroughRepository
 from txregistry.repository.uploads import Uploads
 from txregistry.storage.disk import DiskStorage
 from txregistry.storage.interface import IStorage
@@ -65,6 +66,7 @@ from txregistry.upstream.client import Upstream
 from txregistry.upstream.dns import ExplainingResolver
 from txregistry.upstream.endpoints import peer_agent, registry_agent
 from txregistry.upstream.peers import Fleet
+from txregistry.upstream.push import OriginPusher
 
 
 class Listener(Service):
@@ -198,6 +200,13 @@ class RegistryService(MultiService):
             if registry.hosted:
                 pulls[registry.name] = self.hosted
                 push_targets[registry.name] = self.hosted
+        # Push-through: pushes go on to the origin, on an agent (and a
+        # connection pool) apart from the pulls', so that long uploads never
+        # hold the connections pulls need.
+        for registry in config.registries:
+            if registry.push:
+                pusher = OriginPusher(registry, registry_agent(reactor, resolver, registry), clock)
+                push_targets[registry.name] = PushThroughRepository(self.storage, pusher, clock)
         self.uploads = Uploads(self.storage, clock)
         self.push_access = PushAccess(server.push_from, server.push_users, run_blocking, clock)
 

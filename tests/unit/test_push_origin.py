@@ -195,7 +195,7 @@ def test_a_413_is_diagnosed_as_a_body_limit(logged):
     error = run(net, pusher.push_blob("team/app", digest, len(data), Source(data)))
 
     assert isinstance(error, PushFailed)
-    assert error.status == 502 and error.code == "UNAVAILABLE"
+    assert error.status == 400 and error.code == "BLOB_UPLOAD_INVALID"
     assert "PATCH of the chunk at offset 0 (128KiB)" in error.message
     assert "HTTP 413" in error.message
     assert "lower push_chunk_size (now 128KiB)" in error.message
@@ -281,6 +281,8 @@ def test_blob_unknown_after_every_blob_was_pushed_is_diagnosed_as_storage():
     assert "PUT of the manifest" in error.message
     assert "MANIFEST_BLOB_UNKNOWN" in error.message
     assert "not shared between its replicas" in error.message
+    # A 4xx, so that clients show the message, which they do not for a 5xx.
+    assert (error.status, error.code) == (400, "MANIFEST_BLOB_UNKNOWN")
 
 
 def test_blob_unknown_for_a_blob_never_pushed_says_so():
@@ -392,6 +394,8 @@ def test_a_stalled_chunk_is_cut_after_body_timeout():
     assert results and isinstance(results[0].value, PushFailed)
     assert "PATCH of the chunk at offset 0" in results[0].value.message
     assert "no progress for 30s" in results[0].value.message
+    # Nothing diagnosed: a 502, which the client may retry.
+    assert (results[0].value.status, results[0].value.code) == (502, "UNAVAILABLE")
     assert not net.clock.getDelayedCalls()
 
 

@@ -9,7 +9,7 @@ import json
 
 from harness.memory import OCI_MANIFEST
 from harness.origin import FakeOrigin, OriginNetwork
-from test_push import blob, registry, run
+from test_push_origin import blob, registry, run
 
 from txregistry.oci.reference import Digest, Tag
 from txregistry.repository.interface import Kind, Route

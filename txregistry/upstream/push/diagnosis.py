@@ -65,6 +65,24 @@ STORAGE_CAUSE = (
 )
 
 
+# The distribution spec's error codes ("Error Codes"), which a client knows.
+SPEC_CODES = frozenset(
+    {
+        "BLOB_UNKNOWN",
+        "BLOB_UPLOAD_INVALID",
+        "BLOB_UPLOAD_UNKNOWN",
+        "DIGEST_INVALID",
+        "MANIFEST_BLOB_UNKNOWN",
+        "MANIFEST_INVALID",
+        "MANIFEST_UNKNOWN",
+        "NAME_INVALID",
+        "NAME_UNKNOWN",
+        "SIZE_INVALID",
+        "UNSUPPORTED",
+    }
+)
+
+
 def format_size(size: int) -> str:
     for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if size >= factor and size % factor == 0:
@@ -97,10 +115,18 @@ class PushFailed(RegistryError):
     message names the origin, the step, the origin's answer and the likely
     cause, and the detail holds them one by one.
 
-    The status is C{403} when the origin refused txregistry's credentials
-    (a C{401} would make the client offer its own, which the origin never
-    sees), C{429} when it asks to slow down, and C{502} otherwise: the
-    client did nothing wrong, the upstream failed.
+    Its status decides what the client does, and what it shows: Docker
+    and containers/image print the error body of a 4xx, but of a 5xx only
+    the status line, and retry a 5xx.  So:
+
+     - C{403 DENIED} when the origin refused txregistry's credentials (a
+       C{401} would make the client offer its own, which the origin never
+       sees), and C{429} when it asks to slow down;
+     - C{502 UNAVAILABLE} when the origin gave no answer or a 5xx and there
+       is no diagnosis: it may well work the next time;
+     - a 4xx otherwise, with the origin's code if it is one of the spec's:
+       a body limit, a Location turned to http, lost blobs, which no retry
+       gets past, and whose message the client must show.
     """
 
     def __init__(
@@ -111,11 +137,20 @@ class PushFailed(RegistryError):
         cause: str | None = None,
         what: str = "",
     ) -> None:
-        status, code = 502, "UNAVAILABLE"
+        manifest_step = "manifest" in step
         if answer.status in (401, 403):
             status, code = 403, "DENIED"
         elif answer.status == 429:
             status, code = 429, "TOOMANYREQUESTS"
+        elif cause is None and (answer.status is None or answer.status >= 500):
+            status, code = 502, "UNAVAILABLE"
+        else:
+            status = answer.status if answer.status in (400, 404) else 400
+            code = answer.code if answer.code in SPEC_CODES else ""
+            if manifest_step and code == "BLOB_UNKNOWN":
+                code = "MANIFEST_BLOB_UNKNOWN"
+            if not code:
+                code = "MANIFEST_INVALID" if manifest_step else "BLOB_UPLOAD_INVALID"
         text = f"push{' of ' + what if what else ''} to {origin} failed at {step}: "
         text += answer.describe()
         if cause is None and answer.status == 401:

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import pytest
 import pytest_twisted
 from harness.cdn import CdnOrigin
+from harness.images import big_image, small_image, write_layout
+from harness.skopeo import check_pulled
 from twisted.internet import reactor
 
 from txregistry.cli.doctor_push import GeneratedBlob, doctor_push
@@ -162,3 +164,70 @@ async def test_doctor_push_with_chunks_above_the_limit(cdn, tmp_path):
     assert "ok    small blob" in text
     assert "FAIL  large blob (121MiB, more than push_chunk_size)" in text
     assert "lower push_chunk_size (now 120MiB)" in text
+
+
+def origin_manifest(cdn: CdnOrigin, repository: str, reference: str) -> tuple[int, str]:
+    """The origin's own answer to a HEAD of a manifest: status and digest."""
+    request = urllib.request.Request(
+        f"{cdn.registry.url}/v2/{repository}/manifests/{reference}", method="HEAD"
+    )
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    request.add_header("Accept", "application/vnd.oci.image.manifest.v1+json")
+    with urllib.request.urlopen(request) as response:
+        return response.status, response.headers["Docker-Content-Digest"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_skopeo_pushes_through_txregistry_to_the_origin_and_pulls_back_a_hit(
+    cdn, skopeo, start_txregistry, tmp_path
+):
+    # Chunks of 2 MiB, so that the 5 MiB layer goes in three.
+    registry = origin_registry(cdn.limited_url, push_chunk_size=2 << 20)
+    tx = start_txregistry(registry)
+    layout = tmp_path / "layout"
+    write_layout(layout, "t", [big_image(5 << 20, seed=12)])
+    start = cdn.registry.mark()
+
+    await skopeo.run_async(
+        "copy",
+        "--dest-tls-verify=false",
+        "--digestfile",
+        str(tmp_path / "digest"),
+        f"oci:{layout}:t",
+        f"docker://{tx.host}/registry.example.com/team/pushed:1",
+    )
+
+    # skopeo compresses the layer on the way: the digest is what it pushed.
+    pushed = (tmp_path / "digest").read_text().strip()
+    assert origin_manifest(cdn, "team/pushed", "1") == (200, pushed)
+    accesses = cdn.registry.accesses(start)
+    assert len([a for a in accesses if a.method == "PATCH" and a.status == 202]) >= 3
+    # What was pushed is in the cache: pulling it back asks the origin for no blob.
+    mark = cdn.registry.mark()
+    pulled = await skopeo.pull(f"{tx.host}/registry.example.com/team/pushed:1", tmp_path / "pulled")
+    assert check_pulled(pulled, pushed)
+    assert cdn.registry.blob_gets(mark) == []
+    assert [a for a in cdn.registry.accesses(mark) if "/manifests/" in a.path] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_push_through_is_the_clients_error_with_the_diagnosis(
+    cdn, ca, skopeo, start_txregistry, tmp_path
+):
+    tx = start_txregistry(origin_registry(cdn.tls_url, ca))
+    layout = tmp_path / "layout"
+    write_layout(layout, "t", [small_image(14)])
+
+    with pytest.raises(AssertionError) as caught:
+        await skopeo.run_async(
+            "copy",
+            "--retry-times=0",
+            "--dest-tls-verify=false",
+            f"oci:{layout}:t",
+            f"docker://{tx.host}/registry.example.com/team/refused:1",
+        )
+
+    text = str(caught.value)
+    assert "switches from https to http: refused, not followed" in text
+    assert "X-Forwarded-Proto" in text
