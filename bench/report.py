@@ -193,6 +193,20 @@ def _fleet(f: _Figures, sizes: Sizes) -> list[Line]:
     ]  # fmt: skip
 
 
+def _push(f: _Figures, sizes: Sizes) -> list[Line]:
+    s = f"9. Push, one layer of {sizes.blob // MiB} MiB (POST, then PUT with the body)"
+    direct, hosted, through = (
+        f.m(f"push.{name}_s") for name in ("direct", "hosted", "push_through")
+    )
+    return [
+        Line(s, "push: direct to the origin", direct, "s"),
+        Line(s, "push: txregistry, hosted", hosted, "s"),
+        Line(s, "push: txregistry, push-through to the origin", through, "s"),
+        Line(s, "push: hosted / direct", hosted / direct, "x"),
+        Line(s, "push: push-through / direct", through / direct, "x"),
+    ]
+
+
 # Each scenario's figures, by the prefix of its samples' keys.
 _SCENARIOS = {
     "cold_single.": _cold_single,
@@ -203,6 +217,7 @@ _SCENARIOS = {
     "memory.": _memory,
     "image.": _whole_image,
     "fleet.": _fleet,
+    "push.": _push,
 }
 
 

@@ -1,5 +1,5 @@
 """
-The eight measurements, run against txregistry, the peer and the references.
+The nine measurements, run against txregistry, the peer and the references.
 
 Every timed measurement is repeated C{runs} times and every sample kept;
 the report takes medians.  Within a run the servers are measured one after the
@@ -33,6 +33,7 @@ from bench.clients import (
     wrk,
 )
 from bench.content import Blob, push_blob, push_image
+from bench.pushes import LayerFile, push_layer
 from bench.servers import Nginx, Registry, Server, TxRegistry
 
 MiB = 1 << 20
@@ -122,7 +123,7 @@ class Bench:
         for server in reversed(self._servers):
             server.stop()
 
-    def run(self, only: Collection[int] = range(1, 9)) -> Samples:
+    def run(self, only: Collection[int] = range(1, 10)) -> Samples:
         """Run the scenarios numbered in C{only}, in order; return the samples."""
         scenarios = [
             self.cold_single,
@@ -133,6 +134,7 @@ class Bench:
             self.memory,
             self.whole_image,
             self.fleet,
+            self.push,
         ]
         for number, scenario in enumerate(scenarios, 1):
             if number in only:
@@ -349,3 +351,23 @@ class Bench:
             self._record("fleet.local_tier_mb_s", self._mb_per_s(blob.size, seconds))
             nginx = min(self._fetch(url, blob).seconds for url in self._nginx_urls(blob))
             self._record("fleet.nginx_mb_s", self._mb_per_s(blob.size, nginx))
+
+    # 9. A layer pushed: to txregistry's hosted registry, through it to the
+    # origin (push-through), and to the origin directly.
+
+    def push(self) -> None:
+        size = self.sizes.blob
+        self.say(f"9. push, one layer of {size // MiB} MiB")
+        layer = LayerFile(self.directory / "push-layer", size, next(self._seeds))
+        targets = (
+            ("direct", self.upstream.host, "library/pushed"),
+            ("hosted", self.txregistry.host, "local/pushed"),
+            ("push_through", self.txregistry.host, "origin.bench/library/pushed"),
+        )
+        try:
+            for _ in range(self.sizes.runs):
+                for name, host, repository in targets:
+                    seconds = push_layer(host, repository, layer, layer.next_digest())
+                    self._record(f"push.{name}_s", seconds)
+        finally:
+            layer.path.unlink()

@@ -197,6 +197,15 @@ class TxRegistry(Server):
             [[registry]]
             name = "docker.io"
             mirrors = ["{upstream_url}"]
+            # The push scenario's: a hosted registry, and push-through to
+            # the upstream (its origin).
+            [[registry]]
+            name = "local"
+            hosted = true
+            [[registry]]
+            name = "origin.bench"
+            mirrors = ["{upstream_url}"]
+            push = true
             """.replace("\n            ", "\n")
             + fleet
         )
