@@ -67,6 +67,7 @@ from txregistry.upstream.dns import ExplainingResolver
 from txregistry.upstream.endpoints import peer_agent, registry_agent
 from txregistry.upstream.peers import Fleet
 from txregistry.upstream.push import OriginPusher
+from txregistry.upstream.push.diagnosis import format_size
 
 
 class Listener(Service):
@@ -436,6 +437,14 @@ def _log_registry(log: Logger, registry: RegistryConfig) -> None:
             registry.address_family
         ],
     )
+    if registry.push:
+        origin = next(m for m in registry.mirrors if m.resolve_tags)
+        log.info(
+            "registry {name}: push-through to {origin}, in request bodies of at most {chunk}",
+            name=registry.name,
+            origin=origin.url,
+            chunk=format_size(registry.push_chunk_size),
+        )
     if registry.credentials is not None:
         log.info(
             "using credentials for registry {name} (user: {user}, password from {source})",

@@ -130,7 +130,11 @@ async def doctor_push(
 
     @provider(ILogObserver)
     def show(event: dict[str, Any]) -> None:
-        # The pusher's own log lines: every POST, chunk and PUT.
+        # The pusher's own log lines: every POST, chunk and PUT (its errors
+        # are the FAIL line below).
+        level = event.get("log_level")
+        if level is not None and level.name == "error":
+            return
         if str(event.get("log_namespace", "")).startswith("txregistry.upstream.push"):
             print(f"      {formatEvent(event)}", file=out)
 
@@ -195,7 +199,10 @@ async def doctor_push(
         print(f"    DELETE {what}: {_deleted(status)}", file=out)
 
     if failed is not None:
-        print(f"  conclusion: the push failed at the {failed_step}: {failed.message}", file=out)
+        cause = getattr(failed, "cause", None)
+        step = getattr(failed, "step", "")
+        where = f"{failed_step}, {step}" if step else failed_step
+        print(f"  conclusion: the push failed at the {where}: {cause or failed.message}", file=out)
         return 1
     print(f"  conclusion: ok: {registry.name} takes pushes through txregistry", file=out)
     return 0

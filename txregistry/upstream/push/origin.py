@@ -24,6 +24,7 @@ refused (see L{txregistry.upstream.push.diagnosis}).
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -626,6 +627,8 @@ class OriginPusher:
             except Exception:
                 body = b""
         code, message = error_code_and_message(body) if body else (None, "")
+        if code is None:
+            message = _one_line(body)
         if response.code == 413 and cause is None:
             cause = body_limit_cause(self.chunk_size)
         failure = PushFailed(
@@ -697,6 +700,18 @@ def _display(url: str) -> str:
     """A URL for logs: without its query (an upload's signed state)."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+def _one_line(body: bytes) -> str:
+    """
+    A body that is no OCI error (a proxy's or CDN's HTML page) as one short
+    line: its title if it has one (nginx's C{413 Request Entity Too Large}).
+    """
+    text = body[:4096].decode("utf-8", "replace")
+    title = re.search(r"<title>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+    if title is not None:
+        text = title.group(1)
+    return " ".join(text.split())[:200]
 
 
 def _blobs_named(body: bytes) -> list[str]:
