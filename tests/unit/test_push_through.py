@@ -104,3 +104,29 @@ def test_a_pushed_tag_is_a_hit_for_the_next_pull(tmp_path):
     entry = run_result(storage.get_tag(tag_key(route, Tag("1.0"))))
     assert entry.digest == str(manifest_digest) and entry.checked_at == net.clock.seconds()
     assert run_result(storage.get_manifest(manifest_digest)).body == body
+
+
+def test_a_blob_only_the_cache_has_is_pushed_from_it_when_a_manifest_names_it(tmp_path):
+    # The client's HEAD was answered from the cache, so it never uploaded
+    # the blob; the manifest check finds the origin without it.
+    origin = FakeOrigin()
+    net, config, storage, target = setup(tmp_path, origin)
+    data, digest = blob(100 << 10)
+    verified = staged(storage, data, digest)
+    assert run_result(verified.staged.commit(digest, len(data))) is True
+    verified.staged.close()
+    route = Route(config, "team/app", Kind.BLOB, digest)
+
+    assert run(net, target.blob_size(route, digest)) == len(data)
+
+    assert origin.blobs[str(digest)] == data
+    assert len(origin.requests("PATCH")) == 2
+
+
+def test_a_blob_nobody_has_is_unknown(tmp_path):
+    origin = FakeOrigin()
+    net, config, _, target = setup(tmp_path, origin)
+    _, digest = blob(100)
+
+    assert run(net, target.blob_size(Route(config, "team/app", Kind.BLOB, digest), digest)) is None
+    assert origin.requests("POST") == []

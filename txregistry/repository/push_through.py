@@ -37,10 +37,28 @@ class PushThroughRepository:
         self._clock = clock
 
     async def blob_size(self, route: Route, digest: Digest) -> int | None:
-        # What the origin has is what counts: a manifest naming a blob only
-        # the cache holds (pulled from a digest-only mirror, say) would be
-        # refused by the origin.
-        return await self._pusher.blob_size(route.repository, digest)
+        """
+        What the origin has is what counts, since it is what will check the
+        manifest.  A blob that only the cache holds (pulled from a
+        digest-only mirror, or from another repository) is pushed to the
+        origin from the cache now: a client that asked txregistry whether
+        the blob exists was told yes by the pull side, and skipped it.
+        """
+        size = await self._pusher.blob_size(route.repository, digest)
+        if size is not None:
+            return size
+        stored = await self._storage.open_blob(digest)
+        if stored is None:
+            return None
+        try:
+            self.log.info(
+                "push {what}: the client did not send it, the cache has it: pushing it from there",
+                what=f"{route.repository}@{digest}",
+            )
+            await self._pusher.push_blob(route.repository, digest, stored.size, stored.source)
+        finally:
+            stored.source.release()
+        return stored.size
 
     async def has_manifest(self, route: Route, digest: Digest) -> bool:
         return await self._pusher.has_manifest(route.repository, digest)
