@@ -240,6 +240,8 @@ class FakeOrigin(Resource):
 def _error(request: Request, status: int, code: str, message: str) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
+    if request.method == b"HEAD":
+        return b""
     return json.dumps({"errors": [{"code": code, "message": message}]}).encode()
 
 

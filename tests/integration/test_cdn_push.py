@@ -12,6 +12,7 @@ import io
 import re
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -19,6 +20,7 @@ from harness.cdn import CdnOrigin
 from harness.images import big_image, small_image, write_layout
 from harness.skopeo import check_pulled
 from twisted.internet import reactor
+from twisted.internet.task import LoopingCall
 
 from txregistry.cli.doctor_push import GeneratedBlob, doctor_push
 from txregistry.config import CacheConfig, Config, Credentials, MirrorConfig, RegistryConfig, Secret
@@ -52,6 +54,14 @@ def origin_registry(url: str, ca=None, **keys) -> RegistryConfig:
     )
 
 
+def resident() -> int:
+    """This process's resident memory, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
 def pusher_for(registry: RegistryConfig) -> OriginPusher:
     resolver = ExplainingResolver.for_reactor(reactor)
     return OriginPusher(registry, registry_agent(reactor, resolver, registry), reactor)
@@ -73,8 +83,16 @@ async def test_a_256_mib_layer_pushes_through_a_100_mib_body_limit(cdn):
     registry = origin_registry(cdn.limited_url)
     layer = GeneratedBlob(256 << 20)
     start = cdn.registry.mark()
+    baseline = resident()
+    peaks = [baseline]
+    sampler = LoopingCall(lambda: peaks.append(resident()))
+    sampler.start(0.05)
 
-    uploaded = await pusher_for(registry).push_blob("team/app", layer.digest, layer.size, layer)
+    try:
+        pusher = pusher_for(registry)
+        uploaded = await pusher.push_blob("team/app", layer.digest, layer.size, layer)
+    finally:
+        sampler.stop()
 
     assert uploaded is True
     assert origin_head(cdn, "team/app", str(layer.digest)) == (200, 256 << 20)
@@ -83,6 +101,8 @@ async def test_a_256_mib_layer_pushes_through_a_100_mib_body_limit(cdn):
     # 50 MiB chunks: five whole ones and the 6 MiB rest, every one accepted.
     assert [a.status for a in patches] == [202] * 6
     assert [a.status for a in accesses if a.method == "PUT"] == [201]
+    # Streamed: the 256 MiB never sat in memory, nor did a 50 MiB chunk.
+    assert max(peaks) - baseline < 32 << 20, (baseline, max(peaks))
 
 
 @pytest_twisted.ensureDeferred

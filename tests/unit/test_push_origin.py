@@ -337,7 +337,7 @@ def test_basic_credentials_are_sent_when_the_origin_asks():
     assert [s.status for s in origin.seen].count(401) == 1
 
 
-def test_tokens_are_asked_for_with_the_push_scope():
+def test_tokens_are_asked_for_with_the_push_scope(logged):
     origin = FakeOrigin(bearer=f"pusher:{PASSWORD}")
     net = OriginNetwork(origin)
     data, digest = blob(100 * KiB)
@@ -346,6 +346,9 @@ def test_tokens_are_asked_for_with_the_push_scope():
     assert run(net, pusher.push_blob("team/app", digest, len(data), Source(data))) is True
     assert origin.scopes == ["repository:team/app:pull,push"]
     assert origin.blobs[str(digest)] == data
+    # Neither the password nor the token is ever logged by txregistry.
+    lines = texts([e for e in logged if e.get("log_namespace", "").startswith("txregistry")])
+    assert lines and not any(PASSWORD in line or "push-token" in line for line in lines)
 
 
 def test_credentials_the_origin_refuses_are_a_denied_with_the_step():
