@@ -425,3 +425,28 @@ def test_round_sizes():
     assert near_round_size(100 * 1000 * 1000 - 1000) == 100 * 1000 * 1000
     assert near_round_size((100 << 20) - 4096) == 100 << 20
     assert near_round_size(77_000_000) is None
+
+
+def test_an_origin_that_wants_credentials_the_registry_lacks_says_so():
+    origin = FakeOrigin(basic=f"pusher:{PASSWORD}")
+    net = OriginNetwork(origin)
+    data, digest = blob(100)
+    pusher = OriginPusher(registry(), net.agent, net.clock)
+
+    error = run(net, pusher.push_blob("team/app", digest, len(data), Source(data)))
+
+    assert isinstance(error, PushFailed) and error.status == 403
+    assert "the registry has none: set username and password_file" in error.message
+
+
+def test_a_mount_the_origin_does_opens_no_upload():
+    origin = FakeOrigin()
+    net = OriginNetwork(origin)
+    pusher = OriginPusher(registry(), net.agent, net.clock)
+
+    # The fake origin cannot mount: it opens an upload, which is cancelled.
+    _, digest = blob(100)
+    assert run(net, pusher.mount("team/app", digest, "team/base")) is False
+    assert origin.uploads == {}
+    assert [s.method for s in origin.seen] == ["POST", "DELETE"]
+    assert "mount=sha256" in origin.seen[0].path.replace("%3A", ":")

@@ -82,7 +82,12 @@ class PushThroughRepository:
             )
 
     async def mount(self, route: Route, digest: Digest, from_repository: str) -> bool:
-        return await self._pusher.mount(route.repository, digest, from_repository)
+        # A mount that fails is no failure: the client uploads the blob.
+        try:
+            return await self._pusher.mount(route.repository, digest, from_repository)
+        except PushFailed as e:
+            self.log.info("mount not done, the client uploads instead: {why}", why=e.message)
+            return False
 
     async def receive_manifest(self, route: Route, manifest: PushedManifest) -> None:
         reference = manifest.tag if manifest.tag is not None else str(manifest.digest)

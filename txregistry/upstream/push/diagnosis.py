@@ -153,8 +153,6 @@ class PushFailed(RegistryError):
                 code = "MANIFEST_INVALID" if manifest_step else "BLOB_UPLOAD_INVALID"
         text = f"push{' of ' + what if what else ''} to {origin} failed at {step}: "
         text += answer.describe()
-        if cause is None and answer.status == 401:
-            cause = "the origin refused txregistry's credentials for this registry: check them"
         if cause:
             text += f"; likely cause: {cause}"
         detail: dict[str, Any] = {"origin": origin, "step": step, "status": answer.status}

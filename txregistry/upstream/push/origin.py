@@ -631,6 +631,14 @@ class OriginPusher:
             message = _one_line(body)
         if response.code == 413 and cause is None:
             cause = body_limit_cause(self.chunk_size)
+        if response.code == 401 and cause is None:
+            if self.registry.credentials_for(self.origin) is None:
+                cause = (
+                    "the origin wants credentials to push, and the registry has none:"
+                    " set username and password_file (or password_env) for it"
+                )
+            else:
+                cause = "the origin refused the registry's credentials: check them"
         failure = PushFailed(
             self._name, step, OriginAnswer(int(response.code), code, message), cause, what
         )
