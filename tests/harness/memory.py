@@ -49,12 +49,15 @@ from txregistry.ops.metrics import Metrics
 from txregistry.repository.choose import ByRegistry
 from txregistry.repository.hosted import HostedRepository
 from txregistry.repository.pullthrough import PullThroughCache
+from txregistry.repository.push import IPushTarget
+from txregistry.repository.push_through import PushThroughRepository
 from txregistry.repository.uploads import Uploads
 from txregistry.storage.disk import DiskStorage
 from txregistry.storage.runner import run_inline
 from txregistry.storage.staging import InlineSpool, SpoolFactory
 from txregistry.upstream.client import Upstream
 from txregistry.upstream.peers import Fleet
+from txregistry.upstream.push import OriginPusher
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -537,12 +540,22 @@ class MemoryRegistry:
             self.metrics.render,
             finished,
             peers=fleet.peers if fleet is not None else (),
-            push=PushAPI(dict(hosted), self.uploads),
+            push=PushAPI({**hosted, **self._push_through()}, self.uploads),
             access=self.access,
         )
         # The clock of client connections: header and idle timeouts.
         self.site_clock = MemoryReactorClock()
         self.site = RegistrySite(resource, header_timeout=30.0, reactor=self.site_clock)
+
+    def _push_through(self) -> dict[str, IPushTarget]:
+        """The push targets of C{push = true} registries, pushing through the fake network."""
+        return {
+            r.name: PushThroughRepository(
+                self.storage, OriginPusher(r, self.agent, self.clock), self.clock
+            )
+            for r in self.registries
+            if r.push
+        }
 
     def pump(self) -> None:
         """Move bytes between txregistry and the fake upstream until nothing moves."""

@@ -130,3 +130,72 @@ def test_a_blob_nobody_has_is_unknown(tmp_path):
 
     assert run(net, target.blob_size(Route(config, "team/app", Kind.BLOB, digest), digest)) is None
     assert origin.requests("POST") == []
+
+
+# Through txregistry's own HTTP layer, as a client pushes.
+
+
+def pushing_client(tmp_path, origin: FakeOrigin, chunk: int = 64 << 10):
+    from harness.memory import MemoryRegistry
+
+    tx = MemoryRegistry(tmp_path, registries=[registry(chunk=chunk)], hosts={"origin.test": origin})
+    return tx, tx.client()
+
+
+def push_blob_through(client, data: bytes, digest: Digest):
+    started = client.request("POST", "/v2/origin.test/team/app/blobs/uploads/")
+    assert started.status == 202, started.body
+    location = started.headers["location"]
+    separator = "&" if "?" in location else "?"
+    return client.request("PUT", f"{location}{separator}digest={digest}", data)
+
+
+def test_a_client_push_goes_to_the_origin_before_its_201_and_pulls_back_as_hits(tmp_path):
+    origin = FakeOrigin()
+    tx, client = pushing_client(tmp_path, origin)
+    data, digest = blob(150 << 10)
+
+    done = push_blob_through(client, data, digest)
+
+    assert done.status == 201 and done.headers["docker-content-digest"] == str(digest)
+    assert origin.blobs[str(digest)] == data
+    assert len(origin.requests("PATCH")) == 3
+
+    body = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"digest": str(digest), "size": len(data), "mediaType": "x"},
+            "layers": [],
+        }
+    ).encode()
+    put = client.request(
+        "PUT", "/v2/origin.test/team/app/manifests/1", body, {"Content-Type": OCI_MANIFEST}
+    )
+    assert put.status == 201, put.body
+    assert origin.manifests["1"] == body
+
+    seen = len(origin.seen)
+    pulled = tx.get("/v2/origin.test/team/app/manifests/1", {"Accept": OCI_MANIFEST})
+    assert pulled.status == 200 and pulled.body == body
+    assert pulled.headers["x-cache"] == "HIT"
+    layer = tx.get(f"/v2/origin.test/team/app/blobs/{digest}")
+    assert layer.status == 200 and layer.body == data and layer.headers["x-cache"] == "HIT"
+    assert len(origin.seen) == seen
+
+
+def test_a_push_the_origin_refuses_is_the_clients_error_with_the_diagnosis(tmp_path):
+    origin = FakeOrigin(body_limit=32 << 10)
+    tx, client = pushing_client(tmp_path, origin)
+    data, digest = blob(100 << 10)
+
+    done = push_blob_through(client, data, digest)
+
+    assert done.status == 400
+    error = done.json()["errors"][0]
+    assert error["code"] == "BLOB_UPLOAD_INVALID"
+    assert "failed at PATCH of the chunk at offset 0 (64KiB): HTTP 413" in error["message"]
+    assert "lower push_chunk_size (now 64KiB)" in error["message"]
+    assert error["detail"]["step"].startswith("PATCH") and error["detail"]["status"] == 413
+    # Nothing of it is kept: the next pull asks the upstream.
+    assert run_result(tx.storage.open_blob(digest)) is None
