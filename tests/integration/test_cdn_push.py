@@ -251,3 +251,31 @@ async def test_a_failed_push_through_is_the_clients_error_with_the_diagnosis(
     text = str(caught.value)
     assert "switches from https to http: refused, not followed" in text
     assert "X-Forwarded-Proto" in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_registry_gives_a_push_token_for_the_registrys_credentials(
+    login_token_upstream,
+):
+    from conftest import PASSWORD as TOKEN_PASSWORD
+    from conftest import USER as TOKEN_USER
+
+    registry = RegistryConfig(
+        "token.example",
+        (MirrorConfig(login_token_upstream.url),),
+        push=True,
+        credentials=Credentials(TOKEN_USER, Secret(TOKEN_PASSWORD), "test"),
+        push_chunk_size=1 << 20,
+    )
+    layer = GeneratedBlob(3 << 20)
+    token_server = login_token_upstream.token_server
+    assert token_server is not None
+    since = len(token_server.lines)
+
+    uploaded = await pusher_for(registry).push_blob("team/tokened", layer.digest, layer.size, layer)
+
+    assert uploaded is True
+    issued = [line for line in token_server.lines[since:] if line.startswith("TOKEN ")]
+    assert issued == [
+        f"TOKEN scope=repository:team/tokened:pull,push service=test-registry user={TOKEN_USER}"
+    ]
