@@ -450,3 +450,29 @@ def test_a_mount_the_origin_does_opens_no_upload():
     assert origin.uploads == {}
     assert [s.method for s in origin.seen] == ["POST", "DELETE"]
     assert "mount=sha256" in origin.seen[0].path.replace("%3A", ":")
+
+
+def test_a_chunk_the_origin_answers_416_resumes_from_its_status():
+    # The origin already holds 10 KiB more than the last answer said (a
+    # PATCH whose answer was lost): the next chunk gets 416, and the push
+    # goes on from the offset it reports.
+    origin = FakeOrigin()
+    net = OriginNetwork(origin)
+    data, digest = blob(150 * KiB)
+    pusher = OriginPusher(registry(chunk=64 * KiB), net.agent, net.clock)
+    real_patch = origin._upload
+
+    def patch_and_add(request, method, repository, upload, url, body, headers):
+        result = real_patch(request, method, repository, upload, url, body, headers)
+        if method == b"PATCH" and len(origin.requests("PATCH")) == 1:
+            origin.uploads[upload].extend(data[64 * KiB : 74 * KiB])
+        return result
+
+    origin._upload = patch_and_add
+
+    assert run(net, pusher.push_blob("team/app", digest, len(data), Source(data))) is True
+
+    assert origin.blobs[str(digest)] == data
+    statuses = [(s.headers.get("content-range"), s.status) for s in origin.requests("PATCH")]
+    assert statuses[1] == ("65536-131071", 416)
+    assert statuses[2][0] == "75776-141311"

@@ -81,10 +81,9 @@ def push_scope(repository: str) -> str:
 class _NoAnswer(Exception):
     """A request got no response: the connection failed, was cut, or stalled."""
 
-    def __init__(self, reason: str, sent: int) -> None:
+    def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.sent = sent
 
 
 @dataclass
@@ -197,8 +196,7 @@ class OriginPusher:
                     failure.step,
                     OriginAnswer(
                         message=f"{failure.answer.message}; the origin received {received}"
-                        f" bytes of the chunk, just short of {format_size(limit)}"
-                        f" ({limit} bytes)"
+                        f" bytes of the chunk, just short of {_size_and_bytes(limit)}"
                     ),
                     body_limit_cause(chunk),
                     what,
@@ -300,7 +298,9 @@ class OriginPusher:
             raise _Retry(failure) from None
         if response.code == 413:
             raise await self._failed(step, response, what, body_limit_cause(length))
-        if response.code >= 500:
+        if response.code >= 500 or response.code == 416:
+            # A 416: the origin holds another length than we thought; its
+            # upload status says which, and the push goes on from there.
             raise _Retry(await self._failed(step, response, what))
         if response.code != 202:
             raise await self._failed(step, response, what)
@@ -570,7 +570,7 @@ class OriginPusher:
             )
             if sent is not None:
                 reason += f", after sending {sent} bytes of the body"
-            raise _NoAnswer(reason, sent or 0) from None
+            raise _NoAnswer(reason) from None
         finally:
             watchdog.stop()
 
@@ -708,6 +708,12 @@ def _display(url: str) -> str:
     """A URL for logs: without its query (an upload's signed state)."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+def _size_and_bytes(size: int) -> str:
+    """C{100MiB (104857600 bytes)}, or C{1000000 bytes}."""
+    shown = format_size(size)
+    return shown if shown.endswith("bytes") else f"{shown} ({size} bytes)"
 
 
 def _one_line(body: bytes) -> str:
