@@ -29,7 +29,7 @@ from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from harness.processes import Process
+from harness.processes import HANG_GUARD, Process
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -38,7 +38,8 @@ class ClientFailed(AssertionError):
     """A client command exited non-zero; its output says why."""
 
     def __init__(self, args: Sequence[str], code: int | None, out: str, err: str) -> None:
-        super().__init__(f"{' '.join(args)} exited {code}:\n{err}{out}")
+        how = f"exited {code}" if code is not None else f"hung for {HANG_GUARD:.0f}s and was killed"
+        super().__init__(f"{' '.join(args)} {how}:\n{err}{out}")
         self.code = code
         self.out = out
         self.err = err
@@ -73,8 +74,13 @@ async def run(args: Sequence[str], env: dict[str, str], stdin: str | None = None
     standard output, or raise L{ClientFailed} with everything it printed.
     """
     collect = _Collect(stdin.encode() if stdin is not None else None)
-    reactor.spawnProcess(collect, args[0], list(args), env=env)
+    process = reactor.spawnProcess(collect, args[0], list(args), env=env)
+    guard = reactor.callLater(HANG_GUARD, process.signalProcess, "KILL")
     code = await collect.done
+    if guard.active():
+        guard.cancel()
+    else:
+        code = None  # killed by the guard: a hang, not an answer
     out = b"".join(collect.out).decode(errors="replace")
     err = b"".join(collect.err).decode(errors="replace")
     if code != 0:
@@ -219,6 +225,9 @@ class DockerDaemon:
             "login", "--username", user, "--password-stdin", host, stdin=password
         )
 
+    async def logout(self, host: str) -> str:
+        return await self.docker("logout", host)
+
     async def remove_all(self) -> None:
         """Remove every image, so that the next pull downloads every layer."""
         ids = (await self.docker("images", "--all", "--quiet")).split()
@@ -323,6 +332,9 @@ class Podman:
             "login", "--tls-verify=false", "--username", user, "--password-stdin", host,
             stdin=password,
         )  # fmt: skip
+
+    async def logout(self, host: str) -> str:
+        return await self.podman("logout", host)
 
     async def remove_all(self) -> None:
         await self.podman("rmi", "--all", "--force")

@@ -13,6 +13,7 @@ One daemon of each kind serves the whole module.
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +21,21 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from conftest import Running, Upstream
-from harness.clients import Containerd, DockerDaemon, Podman
+from harness.clients import ClientFailed, Containerd, DockerDaemon, Podman
 from harness.images import small_image, write_layout
 from harness.registry import hub
 from harness.skopeo import Skopeo
 from twisted.internet import reactor
 from twisted.logger import globalLogPublisher
 
-from txregistry.config import CacheConfig, Config, ServerConfig
+from txregistry.config import (
+    CacheConfig,
+    Config,
+    PushUsers,
+    RegistryConfig,
+    Secret,
+    ServerConfig,
+)
 from txregistry.service import RegistryService
 
 pytestmark = pytest.mark.integration
@@ -77,7 +85,7 @@ def served() -> Iterator[Served]:
 def tx(tmp_path_factory, upstream: Upstream, served: Served) -> Iterator[Running]:
     """One txregistry for the module, caching docker.io from the upstream."""
     config = Config(
-        server=ServerConfig(listen=("tcp:0:interface=127.0.0.1",)),
+        server=ServerConfig(listen=("tcp:0:interface=127.0.0.1",), admin_listen=()),
         cache=CacheConfig(tmp_path_factory.mktemp("clients-cache"), 1 << 30, 300.0),
         registries=(hub(upstream.url),),
     )
@@ -210,3 +218,149 @@ async def test_pull_through_the_mirror_setting(client, request, served, upstream
     name = f"{request.node.callspec.params['client']}-mirrored"
     pushed = push(skopeo, upstream, tmp_path, name)
     await cold_then_warm(client, served, upstream, pushed, f"docker.io/{pushed.repository}:v1")
+
+
+# Pushes (issue 12): to a hosted registry, then pulled back, and with
+# push_users_file, with the credentials each client is given, while
+# anonymous pulls keep working.  What each client does with txregistry's
+# /v2/ challenge is written up in the README's Pushing section.
+
+USER, PASSWORD = "ci", "s3cret-Pw"
+# How each client says it was refused: Docker and ctr, podman at login.
+REFUSED = r"(?i)unauthorized|401|invalid username/password"
+
+
+def start_hosted(directory: Path, upstream: Upstream, push_users: PushUsers | None) -> Running:
+    config = Config(
+        server=ServerConfig(
+            listen=("tcp:0:interface=127.0.0.1",), admin_listen=(), push_users=push_users
+        ),
+        cache=CacheConfig(directory, 1 << 30, 300.0),
+        registries=(hub(upstream.url), RegistryConfig("local", (), hosted=True)),
+    )
+    service = RegistryService(config, reactor, None)
+    service.privilegedStartService()
+    service.startService()
+    return Running(service)
+
+
+@pytest.fixture(scope="module")
+def hosted(tmp_path_factory, upstream: Upstream, served: Served) -> Iterator[Running]:
+    """A txregistry with a hosted registry C{local} that anyone on loopback may push to."""
+    running = start_hosted(tmp_path_factory.mktemp("hosted-cache"), upstream, None)
+    yield running
+    pytest_twisted.blockon(running.service.stopService())
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory, upstream: Upstream, served: Served) -> Iterator[Running]:
+    """The same, with C{push_users_file}: pushes need USER's credentials."""
+    directory = tmp_path_factory.mktemp("guarded")
+    users = directory / "push.htpasswd"
+    done = subprocess.run(
+        ["htpasswd", "-Bbn", USER, PASSWORD], check=True, capture_output=True, text=True
+    )
+    users.write_text(done.stdout)
+    user, hashed = done.stdout.strip().split(":", 1)
+    running = start_hosted(
+        directory / "cache", upstream, PushUsers(users, ((user, Secret(hashed)),))
+    )
+    yield running
+    pytest_twisted.blockon(running.service.stopService())
+
+
+async def local_image(client, tx, served, upstream, skopeo, directory, name) -> str:
+    """Pull a new image through C{tx}, so that the client has one to push; its reference."""
+    await client.remove_all()
+    pushed = push(skopeo, upstream, directory, name)
+    reference = f"{tx.host}/{pushed.repository}:v1"
+    assert await client.pull(reference) == pushed.digest
+    return reference
+
+
+async def push_from(client, source: str, destination: str, *options: str) -> str:
+    """Push the local image C{source} as C{destination}; the manifest digest pushed."""
+    if isinstance(client, Podman):
+        return await client.push(source, destination)
+    await client.tag(source, destination)
+    return await client.push(destination, *options)
+
+
+def manifest_puts(served: Served, since: int, repository: str) -> list[Answer]:
+    return [
+        a
+        for a in served.answers[since:]
+        if a.method == "PUT" and f"/{repository}/manifests/" in a.path
+    ]
+
+
+async def pull_back(client, served, repository: str, reference: str, digest: str) -> None:
+    """Pull C{reference} with no local copy; it must be the pushed C{digest}, from txregistry."""
+    await client.remove_all()
+    before = served.mark()
+    assert await client.pull(reference) == digest
+    answers = served.content(before, repository)
+    assert answers and {a.status for a in answers} == {200}, answers
+
+
+@pytest_twisted.ensureDeferred
+async def test_push_to_a_hosted_registry_and_pull_back(
+    client, request, tx, hosted, served, upstream, skopeo, tmp_path
+):
+    name = request.node.callspec.params["client"]
+    source = await local_image(client, tx, served, upstream, skopeo, tmp_path, f"{name}-source")
+    repository = f"local/{name}-app"
+    destination = f"{hosted.host}/{repository}:1"
+    before = served.mark()
+    upstream_mark = upstream.registry.mark()
+    digest = await push_from(client, source, destination)
+    (put,) = manifest_puts(served, before, repository)
+    assert (put.path, put.status) == (f"/v2/{repository}/manifests/1", 201)
+    await pull_back(client, served, repository, destination, digest)
+    await pull_back(client, served, repository, f"{hosted.host}/{repository}@{digest}", digest)
+    # Hosted content is never asked of an upstream.
+    assert upstream_requests(upstream, upstream_mark, repository) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_push_with_credentials_while_pulls_stay_anonymous(
+    client, request, tx, guarded, served, upstream, skopeo, tmp_path
+):
+    """
+    With C{push_users_file}: Docker and podman log in, ctr is given
+    C{--user}; without credentials the push is refused, and pulls (from
+    the pull-through registry and from the hosted one) need none.
+    """
+    name = request.node.callspec.params["client"]
+    # An anonymous pull through the guarded txregistry's pull-through registry.
+    pushed = push(skopeo, upstream, tmp_path / "upstream", f"{name}-guarded")
+    await client.remove_all()
+    assert await client.pull(f"{guarded.host}/{pushed.repository}:v1") == pushed.digest
+
+    source = f"{guarded.host}/{pushed.repository}:v1"
+    repository = f"local/{name}-private"
+    destination = f"{guarded.host}/{repository}:1"
+    if isinstance(client, Containerd):
+        # An image from another host: pushing one pulled from this
+        # txregistry makes ctr try cross-repository mounts, and with
+        # push_users_file it then retried for over a minute rather than
+        # push or fail (reported in status/clients.md; not yet fixed).
+        source = await local_image(client, tx, served, upstream, skopeo, tmp_path, "ctr-source")
+        with pytest.raises(ClientFailed, match=REFUSED):
+            await push_from(client, source, destination)
+        digest = await push_from(client, source, destination, "--user", f"{USER}:{PASSWORD}")
+    else:
+        with pytest.raises(ClientFailed, match=REFUSED):
+            await push_from(client, source, destination)
+        # Refused: nothing was stored under the tag.
+        assert [a for a in manifest_puts(served, 0, repository) if a.status < 400] == []
+        with pytest.raises(ClientFailed, match=REFUSED):
+            await client.login(guarded.host, USER, "not-the-password")  # checked at login
+        await client.login(guarded.host, USER, PASSWORD)
+        digest = await push_from(client, source, destination)
+        await client.logout(guarded.host)
+    assert [a.status for a in manifest_puts(served, 0, repository)][-1] == 201
+
+    # Anonymous again: the pushed image pulls back by tag and by digest.
+    await pull_back(client, served, repository, destination, digest)
+    await pull_back(client, served, repository, f"{guarded.host}/{repository}@{digest}", digest)
