@@ -137,10 +137,17 @@ class Pushed:
 
 
 _seeds = iter(range(1000, 2000))
+_names: set[str] = set()
 
 
 def push(skopeo: Skopeo, upstream: Upstream, directory: Path, name: str) -> Pushed:
-    """A new image (no layer shared with any other) pushed upstream as C{library/NAME:v1}."""
+    """
+    A new image (no layer shared with any other) pushed upstream as
+    C{library/NAME:v1}.  A name is used once: txregistry keeps tags for
+    C{tag_ttl}, so a second image under it would be served the first's.
+    """
+    assert name not in _names, f"library/{name} was pushed already"
+    _names.add(name)
     layout = directory / "layout"
     digest = write_layout(layout, "t", [small_image(next(_seeds))])
     skopeo.run(
@@ -345,7 +352,7 @@ async def test_push_with_credentials_while_pulls_stay_anonymous(
         # txregistry makes ctr try cross-repository mounts, and with
         # push_users_file it then retried for over a minute rather than
         # push or fail (reported in status/clients.md; not yet fixed).
-        source = await local_image(client, tx, served, upstream, skopeo, tmp_path, "ctr-source")
+        source = await local_image(client, tx, served, upstream, skopeo, tmp_path, "ctr-other-host")
         with pytest.raises(ClientFailed, match=REFUSED):
             await push_from(client, source, destination)
         digest = await push_from(client, source, destination, "--user", f"{USER}:{PASSWORD}")
