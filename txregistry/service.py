@@ -57,7 +57,7 @@ from txregistry.repository.pullthrough import PullThroughCache
 from txregistry.repository.push import IPushTarget
 from txregistry.repository.push_through import PushThroughRepository
 from txregistry.repository.uploads import Uploads
-from txregistry.storage.disk import DiskStorage
+from txregistry.storage.backends import make_storage
 from txregistry.storage.interface import IStorage
 from txregistry.storage.runner import in_thread_pool
 from txregistry.storage.scrub import Scrubber
@@ -161,9 +161,9 @@ class RegistryService(MultiService):
         self._reactor = reactor
         self.threadpool = ThreadPool(minthreads=1, maxthreads=4, name="txregistry-storage")
         run_blocking = in_thread_pool(reactor, self.threadpool)
-        self.storage: IStorage = DiskStorage(
-            config.cache.directory,
-            config.cache.size_limit,
+        self.storage: IStorage = make_storage(
+            config,
+            reactor,
             run_blocking,
             spools=threaded_spools(reactor),
         )

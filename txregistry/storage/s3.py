@@ -1,0 +1,757 @@
+"""
+The S3 backend: content shared by every node in one bucket, with the
+node's own disk store (L{DiskStorage}) as a local tier in front of it.
+
+Layout of the bucket, under C{prefix}::
+
+    blobs/<algorithm>/<hex>       a blob's exact bytes
+    manifests/<algorithm>/<hex>   a manifest's bytes; its media type is the
+                                  object's Content-Type
+    tags/<key>                    a tag answer, as JSON, shared by the nodes
+
+Content goes under its digest, so a write needs no copy on commit, and two
+nodes writing the same blob write the same bytes.  Lookups are by key,
+never by listing (Swift's S3 layer lists what was just written late).
+
+Reads try the local tier first, then the bucket.  What comes from the
+bucket is verified against its digest before it enters the local tier or
+is served; an object that does not match is deleted from the bucket and
+counts as a miss, so the pull-through fetches it again and heals it.
+
+A fill is staged in the local tier as before, and streams into a
+multipart upload as it arrives (parts of L{PART_SIZE}, read back from the
+staged file, so memory holds one part per upload).  The upload is
+completed only once the fill has committed its verified digest, and
+aborted if it is aborted or cut; a blob smaller than one part is a single
+PUT at commit.  Uploads left behind by a crash are aborted by
+L{S3Storage.clean_uploads} once older than L{UPLOAD_GRACE}.
+
+The bucket failing never fails a request: a lookup that fails is a miss,
+a write that fails is skipped, the backend says it is degraded, and for
+L{PROBE_INTERVAL} the bucket is not asked at all (one request then tries
+again), so that pulls from the local tier and the upstream do not wait on
+it.  Everything the local tier holds stays there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.iweb import IResponse
+from zope.interface import implementer
+
+from txregistry.oci.reference import Digest
+from txregistry.storage.disk import DiskStorage
+from txregistry.storage.interface import (
+    BLOB,
+    MANIFEST,
+    TAG,
+    IStagedBlob,
+    IStorage,
+    StorageFigures,
+    StoredBlob,
+    StoredManifest,
+    TagEntry,
+)
+from txregistry.storage.runner import BlockingRunner
+from txregistry.storage.s3_client import S3Client, S3Error
+from txregistry.storage.staging import StagedFile
+
+T = TypeVar("T")
+
+# S3's minimum part size is 5 MiB (but for the last part).
+PART_SIZE = 8 << 20
+# How far a download from the bucket may run ahead of the local disk.
+_AHEAD = 8 << 20
+PROBE_INTERVAL = 10.0
+UPLOAD_GRACE = 24 * 3600.0
+
+
+def object_key(prefix: str, kind: str, name: str) -> str:
+    if kind == TAG:
+        return f"{prefix}tags/{quote(name, safe='')}"
+    digest = Digest.parse(name)
+    folder = "blobs" if kind == BLOB else "manifests"
+    return f"{prefix}{folder}/{digest.algorithm}/{digest.hex}"
+
+
+@implementer(IStorage)
+class S3Storage:
+    """
+    A bucket shared by the fleet, behind this node's local tier.
+
+    @ivar bucket_hits: blobs and manifests the bucket had and the local tier did not.
+    @ivar bucket_writes: objects written to the bucket.
+    """
+
+    name = "s3"
+    log = Logger()
+
+    def __init__(
+        self,
+        local: DiskStorage,
+        client: S3Client,
+        prefix: str,
+        run_blocking: BlockingRunner,
+        clock: IReactorTime,
+        part_size: int = PART_SIZE,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.local = local
+        self.client = client
+        self.prefix = prefix
+        self._run = run_blocking
+        self._clock = clock
+        self.part_size = part_size
+        self._now = now
+        self.bucket_problem: str | None = None
+        self._skip_until = 0.0
+        self.bucket_hits = 0
+        self.bucket_writes = 0
+        self.bucket_failures = 0
+        # Uploads in progress, so that a stop can wait for none and tests can watch.
+        self.uploads: set[_Upload] = set()
+
+    # State.
+
+    @property
+    def status(self) -> str:
+        if self.local.status == "unavailable" and self.bucket_problem:
+            return "unavailable"
+        if self.bucket_problem:
+            return "degraded"
+        return str(self.local.status)
+
+    @property
+    def problem(self) -> str | None:
+        return self.bucket_problem or self.local.problem
+
+    @property
+    def evictions(self) -> int:
+        return int(self.local.evictions)
+
+    @property
+    def figures(self) -> StorageFigures:
+        figures: StorageFigures = self.local.figures
+        return figures
+
+    def start(self) -> None:
+        self.local.start()
+
+    def stop(self) -> None:
+        self.local.stop()
+
+    def report_problem(self, problem: str) -> None:
+        self.local.report_problem(problem)
+
+    def describe(self) -> dict[str, Any]:
+        bucket: dict[str, Any] = {
+            "endpoint": self.client.endpoint,
+            "bucket": self.client.bucket,
+            "prefix": self.prefix,
+            "status": "degraded" if self.bucket_problem else "ok",
+        }
+        if self.bucket_problem:
+            bucket["problem"] = self.bucket_problem
+        description: dict[str, Any] = {
+            "backend": self.name,
+            "status": self.status,
+            "bucket": bucket,
+            "local": self.local.describe(),
+        }
+        if self.problem:
+            description["problem"] = self.problem
+        return description
+
+    def _bucket_usable(self) -> bool:
+        """Whether to ask the bucket now: always while it works, once a probe interval if not."""
+        if self.bucket_problem is None:
+            return True
+        if self._clock.seconds() >= self._skip_until:
+            self._skip_until = self._clock.seconds() + PROBE_INTERVAL
+            return True
+        return False
+
+    def _bucket_failed(self, error: Exception) -> None:
+        self.bucket_failures += 1
+        problem = f"bucket {self.client.bucket} at {self.client.endpoint}: {error}"
+        if self.bucket_problem is None:
+            self.log.error(
+                "storage degraded: {problem}; serving from the local tier and the upstream",
+                problem=problem,
+            )
+        self.bucket_problem = problem
+        self._skip_until = self._clock.seconds() + PROBE_INTERVAL
+
+    def _bucket_worked(self) -> None:
+        if self.bucket_problem is not None:
+            self.log.info(
+                "bucket {bucket} reachable again: sharing content through it",
+                bucket=self.client.bucket,
+            )
+            self.bucket_problem = None
+
+    async def _in_bucket(self, operation: Callable[[], Awaitable[T]]) -> T | None:
+        """Run one bucket operation; its failure is reported and becomes None."""
+        if not self._bucket_usable():
+            return None
+        try:
+            result = await operation()
+        except S3Error as e:
+            if e.retryable:
+                self._bucket_failed(e)
+            else:
+                self.log.warn("{error}", error=str(e))
+            return None
+        self._bucket_worked()
+        return result
+
+    async def _done_in_bucket(self, operation: Callable[[], Awaitable[None]]) -> bool:
+        """Run one bucket operation that returns nothing; whether it worked."""
+
+        async def done() -> bool:
+            await operation()
+            return True
+
+        return bool(await self._in_bucket(done))
+
+    # Blobs.
+
+    def can_stage(self, size: int | None) -> bool:
+        return bool(self.local.can_stage(size))
+
+    def stage_blob(self, digest: Digest) -> IStagedBlob:
+        staged = self.local.stage_blob(digest)
+        assert isinstance(staged, StagedFile)
+        return _TieredStaged(staged, _Upload(self, digest, staged.duplicate_fd()))
+
+    def open_blob(self, digest: Digest, touch: bool = True) -> Deferred[StoredBlob | None]:
+        """
+        From the local tier, else the bucket.  Upkeep (C{touch=False}: the
+        scrub, C{cache verify}) reads the local tier only: it checks what this
+        node holds, and must not download the fleet's bucket to do it.
+        """
+        if not touch:
+            local: Deferred[StoredBlob | None] = self.local.open_blob(digest, touch)
+            return local
+        return ensureDeferred(self._open_blob(digest))
+
+    async def _open_blob(self, digest: Digest) -> StoredBlob | None:
+        local: StoredBlob | None = await self.local.open_blob(digest)
+        if local is not None:
+            return local
+        key = object_key(self.prefix, BLOB, str(digest))
+        response = await self._in_bucket(lambda: self.client.get_object(key))
+        if response is None:
+            return None
+        if not self.local.can_stage(response.length if isinstance(response.length, int) else None):
+            response.deliverBody(_Discard())
+            return None
+        try:
+            staged = self.local.stage_blob(digest)
+        except OSError:
+            response.deliverBody(_Discard())
+            return None
+        try:
+            received = await _receive(response, staged)
+            hex_digest = await staged.seal()
+        except Exception as e:
+            staged.abort()
+            staged.close()
+            self._bucket_failed(S3Error("GET", None, "cut", f"{key}: {e}"))
+            return None
+        if hex_digest != digest.hex:
+            staged.abort()
+            staged.close()
+            self.log.error(
+                "bucket object {key} does not match its digest {digest}: deleting it;"
+                " it is fetched again from the upstream",
+                key=key,
+                digest=str(digest),
+            )
+            await self._in_bucket(lambda: self.client.delete_object(key))
+            return None
+        stored = await staged.commit(digest, received)
+        staged.close()
+        if not stored:
+            return None
+        self.bucket_hits += 1
+        blob: StoredBlob | None = await self.local.open_blob(digest)
+        return blob
+
+    # Manifests.
+
+    def get_manifest(self, digest: Digest, touch: bool = True) -> Deferred[StoredManifest | None]:
+        if not touch:
+            local: Deferred[StoredManifest | None] = self.local.get_manifest(digest, touch)
+            return local
+        return ensureDeferred(self._get_manifest(digest))
+
+    async def _get_manifest(self, digest: Digest) -> StoredManifest | None:
+        local: StoredManifest | None = await self.local.get_manifest(digest)
+        if local is not None:
+            return local
+        key = object_key(self.prefix, MANIFEST, str(digest))
+        response = await self._in_bucket(lambda: self.client.get_object(key))
+        if response is None:
+            return None
+        try:
+            body = await _content(response)
+        except Exception as e:
+            self._bucket_failed(S3Error("GET", None, "cut", f"{key}: {e}"))
+            return None
+        hasher = digest.hasher()
+        hasher.update(body)
+        if hasher.hexdigest() != digest.hex:
+            self.log.error(
+                "bucket object {key} does not match its digest {digest}: deleting it",
+                key=key,
+                digest=str(digest),
+            )
+            await self._in_bucket(lambda: self.client.delete_object(key))
+            return None
+        media_type = response.headers.getRawHeaders("content-type", [""])[0]
+        manifest = StoredManifest(str(media_type), body)
+        self.bucket_hits += 1
+        await self.local.put_manifest(digest, manifest)
+        return manifest
+
+    def put_manifest(
+        self, digest: Digest, manifest: StoredManifest, pinned: bool = False
+    ) -> Deferred[bool]:
+        return ensureDeferred(self._put_manifest(digest, manifest, pinned))
+
+    async def _put_manifest(self, digest: Digest, manifest: StoredManifest, pinned: bool) -> bool:
+        stored: bool = await self.local.put_manifest(digest, manifest, pinned)
+        key = object_key(self.prefix, MANIFEST, str(digest))
+        written = await self._done_in_bucket(
+            lambda: self.client.put_object(key, manifest.body, content_type=manifest.media_type)
+        )
+        if written:
+            self.bucket_writes += 1
+        return stored or written
+
+    # Tags.
+
+    def get_tag(self, key: str) -> Deferred[TagEntry | None]:
+        return ensureDeferred(self._get_tag(key))
+
+    async def _get_tag(self, key: str) -> TagEntry | None:
+        """The newer of the local and the shared answer: another node may have checked it."""
+        local: TagEntry | None = await self.local.get_tag(key)
+        shared_body = await self._in_bucket(
+            lambda: self.client.get_small(object_key(self.prefix, TAG, key))
+        )
+        shared = _tag_entry(shared_body) if shared_body else None
+        if shared is not None and (local is None or shared.checked_at > local.checked_at):
+            await self.local.put_tag(key, shared)
+            return shared
+        return local
+
+    def put_tag(self, key: str, entry: TagEntry, pinned: bool = False) -> Deferred[bool]:
+        return ensureDeferred(self._put_tag(key, entry, pinned))
+
+    async def _put_tag(self, key: str, entry: TagEntry, pinned: bool) -> bool:
+        stored: bool = await self.local.put_tag(key, entry, pinned)
+        body = json.dumps(
+            {
+                "digest": entry.digest,
+                "media_type": entry.media_type,
+                "size": entry.size,
+                "checked_at": entry.checked_at,
+            }
+        ).encode()
+        written = await self._done_in_bucket(
+            lambda: self.client.put_object(
+                object_key(self.prefix, TAG, key), body, content_type="application/json"
+            )
+        )
+        if written:
+            self.bucket_writes += 1
+        return stored or written
+
+    # Entries.
+
+    def remove(self, kind: str, name: str) -> Deferred[bool]:
+        return ensureDeferred(self._remove(kind, name))
+
+    async def _remove(self, kind: str, name: str) -> bool:
+        removed: bool = await self.local.remove(kind, name)
+        key = object_key(self.prefix, kind, name)
+        # S3's DELETE says nothing of whether the object was there.
+        present = await self._in_bucket(lambda: self.client.head_object(key))
+        if present is not None:
+            await self._done_in_bucket(lambda: self.client.delete_object(key))
+        return removed or present is not None
+
+    def drop_corrupt(self, kind: str, name: str, problem: str) -> Deferred[bool]:
+        """
+        The local copy failed a check: drop it there.  The bucket's copy is
+        checked on its own whenever it is read, and dropped if it fails.
+        """
+        dropped: Deferred[bool] = self.local.drop_corrupt(kind, name, problem)
+        return dropped
+
+    @property
+    def corrupt_removed(self) -> int:
+        return int(self.local.corrupt_removed)
+
+    def pin(self, kind: str, name: str, pinned: bool) -> Deferred[bool]:
+        result: Deferred[bool] = self.local.pin(kind, name, pinned)
+        return result
+
+    def update_figures(self) -> Deferred[None]:
+        result: Deferred[None] = self.local.update_figures()
+        return result
+
+    def count_answer(self, from_cache: bool) -> None:
+        self.local.count_answer(from_cache)
+
+    def entries(self, kind: str) -> Deferred[list[str]]:
+        result: Deferred[list[str]] = self.local.entries(kind)
+        return result
+
+    def pinned(self, kind: str) -> Deferred[dict[str, float]]:
+        """This node's pinned entries (what was pushed to it), from its local tier."""
+        result: Deferred[dict[str, float]] = self.local.pinned(kind)
+        return result
+
+    def evict_to_limit(self) -> Deferred[int]:
+        result: Deferred[int] = self.local.evict_to_limit()
+        return result
+
+    # Upkeep of the bucket.
+
+    def clean_uploads(self) -> Deferred[int]:
+        """Abort multipart uploads under our prefix older than L{UPLOAD_GRACE}: left by a crash."""
+        return ensureDeferred(self._clean_uploads())
+
+    async def _clean_uploads(self) -> int:
+        uploads = await self._in_bucket(lambda: self.client.list_multipart_uploads(self.prefix))
+        aborted = 0
+        for upload in uploads or []:
+            started = _parse_time(upload.initiated)
+            if started is None or self._now() - started < UPLOAD_GRACE:
+                continue
+            key, upload_id = upload.key, upload.upload_id
+            done = await self._done_in_bucket(
+                lambda: self.client.abort_multipart(key, upload_id)  # noqa: B023
+            )
+            if done:
+                aborted += 1
+        if aborted:
+            self.log.info("aborted {count} abandoned multipart uploads", count=aborted)
+        return aborted
+
+    def bucket_entries(self, kind: str) -> Deferred[list[str]]:
+        """The names of one kind of entry in the bucket (a listing: for stats, not lookups)."""
+        return ensureDeferred(self._bucket_entries(kind))
+
+    async def _bucket_entries(self, kind: str) -> list[str]:
+        folder = {BLOB: "blobs/", MANIFEST: "manifests/", TAG: "tags/"}[kind]
+        listed = await self._in_bucket(lambda: self.client.list_objects(self.prefix + folder))
+        names = []
+        for item in listed or []:
+            rest = item.key[len(self.prefix) + len(folder) :]
+            if kind == TAG:
+                names.append(rest)
+            else:
+                names.append(rest.replace("/", ":", 1))
+        return names
+
+
+class _Upload:
+    """
+    One blob on its way into the bucket, from the staged file: parts go up
+    as the fill writes them, one at a time, read back off the reactor
+    thread; the upload completes only at L{commit}.
+    """
+
+    def __init__(self, storage: S3Storage, digest: Digest, fd: int) -> None:
+        self._storage = storage
+        self._client = storage.client
+        self.digest = digest
+        self.key = object_key(storage.prefix, BLOB, str(digest))
+        self._fd: int | None = fd
+        self._upload_id: str | None = None
+        self._etags: list[str] = []
+        self.sent = 0
+        self._busy: Deferred[None] | None = None
+        self.failed: Exception | None = None
+        self.finished = False
+        # Set to skip the bucket: it is failing now, or the blob is already there.
+        self._skip = not storage._bucket_usable()
+        storage.uploads.add(self)
+
+    def progress(self, written: int) -> None:
+        """The fill has C{written} bytes on disk: send a part if a whole one is waiting."""
+        if self._skip or self.failed or self._busy is not None or self.finished:
+            return
+        if written - self.sent >= self._storage.part_size:
+            self._busy = ensureDeferred(self._send_part(self._storage.part_size))
+            self._busy.addBoth(self._part_done, written)
+
+    def _part_done(self, _: object, written: int) -> None:
+        self._busy = None
+        self.progress(written)
+
+    async def _send_part(self, length: int) -> None:
+        try:
+            if self._upload_id is None:
+                self._upload_id = await self._client.create_multipart(self.key)
+            data, sha256 = await self._storage._run(self._read, self.sent, length)
+            etag = await self._client.upload_part(
+                self.key, self._upload_id, len(self._etags) + 1, data, sha256
+            )
+        except Exception as e:
+            self.failed = e
+            return
+        self._etags.append(etag)
+        self.sent += len(data)
+
+    def _read(self, offset: int, length: int) -> tuple[bytes, str]:
+        assert self._fd is not None
+        chunks = []
+        while length > 0:
+            chunk = os.pread(self._fd, min(length, 1 << 20), offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+            length -= len(chunk)
+        data = b"".join(chunks)
+        return data, hashlib.sha256(data).hexdigest()
+
+    def commit(self, size: int) -> Deferred[None]:
+        """The fill verified its digest: send the rest, and complete (in the background)."""
+        return ensureDeferred(self._commit(size))
+
+    async def _commit(self, size: int) -> None:
+        try:
+            while self._busy is not None:
+                await self._busy
+            if self._skip:
+                return
+            if self._upload_id is None:
+                # Smaller than a part: one PUT (of the same bytes, should
+                # another node have stored it meanwhile).
+                data, sha256 = await self._storage._run(self._read, 0, size)
+                if await self._storage._done_in_bucket(
+                    lambda: self._client.put_object(self.key, data, sha256=sha256)
+                ):
+                    self._storage.bucket_writes += 1
+                return
+            while not self.failed and self.sent < size:
+                await self._send_part(min(self._storage.part_size, size - self.sent))
+            if self.failed:
+                await self._abort()
+                self._storage._bucket_failed(self.failed)
+                return
+            assert self._upload_id is not None
+            upload_id = self._upload_id
+            done = await self._storage._done_in_bucket(
+                lambda: self._client.complete_multipart(self.key, upload_id, self._etags)
+            )
+            if not done:
+                await self._abort()
+                return
+            self._storage.bucket_writes += 1
+        except Exception as e:
+            self._storage.log.failure("uploading {key} to the bucket", Failure(), key=self.key)
+            self.failed = e
+        finally:
+            self._close()
+
+    def abort(self) -> Deferred[None]:
+        """The fill was cut or did not verify: nothing of it may complete."""
+        return ensureDeferred(self._abort_when_idle())
+
+    async def _abort_when_idle(self) -> None:
+        self._skip = True
+        while self._busy is not None:
+            await self._busy
+        await self._abort()
+        self._close()
+
+    async def _abort(self) -> None:
+        if self._upload_id is not None:
+            upload_id, self._upload_id = self._upload_id, None
+            try:
+                await self._client.abort_multipart(self.key, upload_id)
+            except S3Error as e:
+                # Left for clean_uploads.
+                self._storage.log.warn("{error}; the upload is cleaned up later", error=str(e))
+
+    def _close(self) -> None:
+        self.finished = True
+        self._storage.uploads.discard(self)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@implementer(IStagedBlob)
+class _TieredStaged:
+    """The local tier's staged file, whose bytes also stream into the bucket."""
+
+    def __init__(self, local: StagedFile, upload: _Upload) -> None:
+        self._local = local
+        self.upload = upload
+
+    @property
+    def written(self) -> int:
+        return self._local.written
+
+    @property
+    def failure(self) -> OSError | None:
+        return self._local.failure
+
+    def append(self, data: bytes) -> None:
+        self._local.append(data)
+        self.upload.progress(self._local.written)
+
+    def wake_on_progress(self, seen: int, callback: Callable[[], None]) -> None:
+        def woken() -> None:
+            self.upload.progress(self._local.written)
+            callback()
+
+        self._local.wake_on_progress(seen, woken)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._local.read(offset, length)
+
+    def seal(self) -> Deferred[str]:
+        return self._local.seal()
+
+    def commit(self, digest: Digest, size: int, pinned: bool = False) -> Deferred[bool]:
+        stored = self._local.commit(digest, size, pinned)
+        # The bucket's copy is completed in the background: the client's
+        # response does not wait for the bucket.
+        self.upload.commit(size)
+        return stored
+
+    def abort(self) -> None:
+        self._local.abort()
+        self.upload.abort()
+
+    def close(self) -> None:
+        self._local.close()
+
+
+def _producer(protocol: Protocol) -> IPushProducer:
+    """A response body's transport, which is a push producer."""
+    transport = protocol.transport
+    assert transport is not None
+    return IPushProducer(transport)
+
+
+def _tag_entry(body: bytes) -> TagEntry | None:
+    try:
+        value = json.loads(body)
+        return TagEntry(
+            str(value["digest"]),
+            str(value["media_type"]),
+            int(value["size"]),
+            float(value["checked_at"]),
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _parse_time(text: str) -> float | None:
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+_DONE = Failure(ResponseDone())
+
+
+class _IntoStaged(Protocol):
+    """A bucket response's body into a staged blob, pausing while the disk is behind."""
+
+    def __init__(self, staged: IStagedBlob, done: Deferred[int]) -> None:
+        self._staged = staged
+        self._done = done
+        self.received = 0
+        self._paused = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self._staged.append(data)
+        self.received += len(data)
+        if not self._paused and self.received - self._staged.written > _AHEAD:
+            self._paused = True
+            _producer(self).pauseProducing()
+            self._staged.wake_on_progress(self._staged.written, self._caught_up)
+
+    def _caught_up(self) -> None:
+        if self.received - self._staged.written > _AHEAD and self._staged.failure is None:
+            self._staged.wake_on_progress(self._staged.written, self._caught_up)
+            return
+        self._paused = False
+        _producer(self).resumeProducing()
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        if reason.check(ResponseDone):
+            self._done.callback(self.received)
+        else:
+            self._done.errback(reason)
+
+
+class _Collect(Protocol):
+    def __init__(self, done: Deferred[bytes], limit: int) -> None:
+        self._done = done
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+
+    def dataReceived(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > self._limit:
+            _producer(self).stopProducing()
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        if self._size > self._limit:
+            self._done.errback(ValueError(f"larger than {self._limit} bytes"))
+        elif reason.check(ResponseDone):
+            self._done.callback(b"".join(self._chunks))
+        else:
+            self._done.errback(reason)
+
+
+class _Discard(Protocol):
+    def connectionMade(self) -> None:
+        _producer(self).stopProducing()
+
+
+def _receive(response: IResponse, staged: IStagedBlob) -> Deferred[int]:
+    done: Deferred[int] = Deferred()
+    response.deliverBody(_IntoStaged(staged, done))
+    return done
+
+
+# A manifest is at most 4 MiB (distribution's limit).
+_MANIFEST_LIMIT = 4 << 20
+
+
+def _content(response: IResponse) -> Deferred[bytes]:
+    done: Deferred[bytes] = Deferred()
+    response.deliverBody(_Collect(done, _MANIFEST_LIMIT))
+    return done
