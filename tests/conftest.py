@@ -37,13 +37,10 @@ def logs():
     globalLogPublisher.removeObserver(observe)
 
 
-BUCKET = "txregistry"
-
-
 @pytest.fixture(scope="session")
 def swift(tmp_path_factory):
     """OpenStack Swift with s3api on loopback, holding the bucket L{BUCKET}."""
-    from harness.swift import Swift, botocore_client
+    from harness.swift import BUCKET, Swift, botocore_client
 
     server = Swift(tmp_path_factory.mktemp("swift")).start()
     try:

@@ -34,6 +34,8 @@ ROOT = Path(__file__).parents[2]
 ACCESS_KEY = "test:tester"
 SECRET_KEY = "testing"
 REGION = "us-east-1"
+# The bucket the tests share (each test under a prefix of its own).
+BUCKET = "txregistry"
 
 
 def swift_venv() -> Path:

@@ -32,12 +32,13 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IResponse
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
 
 from txregistry.config.model import Secret
 
@@ -217,7 +218,7 @@ class S3Client:
             method,
             url,
             headers=Headers({name: [value] for name, value in signed.items()}),
-            data=body if body else None,
+            data=_Body(body) if body else None,
             unbuffered=True,
             allow_redirects=False,
         )
@@ -371,6 +372,32 @@ class S3Client:
             ListedUpload(_text(item, "Key"), _text(item, "UploadId"), _text(item, "Initiated"))
             for item in root.iter(f"{_NS}Upload")
         ]
+
+
+@implementer(IBodyProducer)
+class _Body:
+    """
+    A request body already in memory (a part is at most one part size),
+    written at once: unlike treq's own, it needs no cooperator, so that the
+    same code runs on the reactor and in memory tests.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
 
 class _Signer(S3SigV4Auth):  # type: ignore[misc]

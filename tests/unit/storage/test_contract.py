@@ -47,8 +47,7 @@ def s3(tmp_path: Path, clock: Clock) -> Factory:
     under a prefix of its own in the one bucket.  Bucket requests run on the
     real reactor; the local tier's index uses the test's clock.
     """
-    from conftest import BUCKET
-    from harness.swift import ACCESS_KEY, REGION, SECRET_KEY
+    from harness.swift import ACCESS_KEY, BUCKET, REGION, SECRET_KEY
     from twisted.internet import reactor
     from twisted.web.client import Agent, HTTPConnectionPool
 

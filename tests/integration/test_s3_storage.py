@@ -1,0 +1,214 @@
+"""
+The S3 backend against a real S3 server (OpenStack Swift's s3api): what
+one node shares with another through the bucket, multipart uploads, bytes
+changed in the bucket, and a bucket that goes away and comes back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from harness.swift import ACCESS_KEY, BUCKET, REGION, SECRET_KEY, botocore_client
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock, deferLater
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from txregistry.config import Secret
+from txregistry.oci.reference import Digest
+from txregistry.storage.disk import DiskStorage
+from txregistry.storage.interface import IStorage, StoredManifest, TagEntry
+from txregistry.storage.runner import run_inline
+from txregistry.storage.s3 import PROBE_INTERVAL, S3Storage, object_key
+from txregistry.storage.s3_client import Backoff, S3Client
+
+MiB = 1 << 20
+
+
+class Node:
+    """One node's S3 backend: its own local tier, the shared bucket."""
+
+    def __init__(self, directory: Path, endpoint: str, prefix: str, probe_clock: Clock) -> None:
+        local = DiskStorage(directory, 1 << 30, run_inline)
+        agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        self.client = S3Client(
+            agent,
+            reactor,
+            endpoint,
+            BUCKET,
+            REGION,
+            True,
+            Secret(ACCESS_KEY),
+            Secret(SECRET_KEY),
+            backoff=Backoff(attempts=2, first_delay=0.01),
+        )
+        self.storage = S3Storage(
+            local, self.client, prefix, run_inline, probe_clock, part_size=5 * MiB
+        )
+        self.storage.start()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"it-{os.urandom(6).hex()}/"
+
+
+@pytest.fixture
+def nodes(tmp_path, swift, prefix):
+    clock = Clock()
+    made: list[Node] = []
+
+    def node() -> Node:
+        n = Node(tmp_path / f"node{len(made)}", swift.endpoint, prefix, clock)
+        made.append(n)
+        return n
+
+    node.clock = clock  # type: ignore[attr-defined]
+    yield node
+    for n in made:
+        pytest_twisted.blockon(Deferred.fromCoroutine(settle(n.storage)))
+        n.storage.stop()
+
+
+async def settle(storage: S3Storage) -> None:
+    for upload in list(storage.uploads):
+        while not upload.finished:
+            # Polling a flag the upload sets; the test's timeout guards it.
+            await deferLater(reactor, 0.01, lambda: None)
+
+
+async def store(storage: IStorage, data: bytes, chunk: int = MiB) -> Digest:
+    digest = Digest.of(data)
+    staged = storage.stage_blob(digest)
+    for offset in range(0, len(data), chunk):
+        staged.append(data[offset : offset + chunk])
+    assert await staged.seal() == digest.hex
+    assert await staged.commit(digest, len(data)) is True
+    staged.close()
+    return digest
+
+
+async def read(storage: IStorage, digest: Digest) -> bytes | None:
+    blob = await storage.open_blob(digest)
+    if blob is None:
+        return None
+    try:
+        return blob.source.read(0, blob.size)
+    finally:
+        blob.source.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_blob_one_node_stored_fills_another_nodes_empty_local_tier(nodes, swift, prefix):
+    a, b = nodes(), nodes()
+    data = os.urandom(12 * MiB + 12345)  # three parts: 5 MiB, 5 MiB and the rest
+    digest = await store(a.storage, data)
+    await settle(a.storage)
+    assert a.storage.bucket_writes == 1
+    s3 = botocore_client(swift.endpoint)
+    key = object_key(prefix, "blob", str(digest))
+    assert s3.head_object(Bucket=BUCKET, Key=key)["ContentLength"] == len(data)
+    assert not s3.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix).get("Uploads")
+
+    assert await read(b.storage, digest) == data
+    assert b.storage.bucket_hits == 1
+    # Now in b's local tier: the bucket is not asked again.
+    s3.delete_object(Bucket=BUCKET, Key=key)
+    assert await read(b.storage, digest) == data
+
+
+@pytest_twisted.ensureDeferred
+async def test_manifests_and_tag_answers_are_shared(nodes):
+    a, b = nodes(), nodes()
+    body = b'{"schemaVersion": 2, "x": "shared"}'
+    digest = Digest.of(body)
+    await a.storage.put_manifest(digest, StoredManifest("application/x.test", body))
+    assert await b.storage.get_manifest(digest) == StoredManifest("application/x.test", body)
+    old = TagEntry(str(digest), "application/x.test", len(body), 100.0)
+    await b.storage.put_tag("docker.io/library/a:1", old)
+    newer = TagEntry(str(digest), "application/x.test", len(body), 200.0)
+    await a.storage.put_tag("docker.io/library/a:1", newer)
+    # b's own answer is older than the one a confirmed: a's wins.
+    assert await b.storage.get_tag("docker.io/library/a:1") == newer
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_object_changed_in_the_bucket_is_never_served(nodes, swift, prefix):
+    a, b = nodes(), nodes()
+    data = os.urandom(300_000)
+    digest = await store(a.storage, data)
+    await settle(a.storage)
+    s3 = botocore_client(swift.endpoint)
+    key = object_key(prefix, "blob", str(digest))
+    s3.put_object(Bucket=BUCKET, Key=key, Body=b"x" + data[1:])
+    assert await read(b.storage, digest) is None
+    # Dropped from the bucket, so that the next fill stores it again.
+    with pytest.raises(s3.exceptions.ClientError):
+        s3.head_object(Bucket=BUCKET, Key=key)
+    assert await b.storage.local.open_blob(digest) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_aborted_fill_leaves_no_object_and_no_upload(nodes, swift, prefix):
+    a = nodes()
+    data = os.urandom(11 * MiB)
+    digest = Digest.of(data)
+    staged = a.storage.stage_blob(digest)
+    for offset in range(0, len(data), MiB):
+        staged.append(data[offset : offset + MiB])
+    upload = staged.upload  # type: ignore[attr-defined]
+    while upload.sent < 5 * MiB:
+        await deferLater(reactor, 0.01, lambda: None)  # a part is up: an upload exists
+    staged.abort()
+    staged.close()
+    await settle(a.storage)
+    s3 = botocore_client(swift.endpoint)
+    assert not s3.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix).get("Uploads")
+    assert not s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_bucket_degrades_and_recovers(nodes, swift):
+    a, b = nodes(), nodes()
+    data = os.urandom(100_000)
+    digest = await store(a.storage, data)
+    await settle(a.storage)
+    swift.stop_proxy()
+    try:
+        # The local tier still serves; the bucket is a miss, and degraded.
+        assert await read(a.storage, digest) == data
+        assert await read(b.storage, digest) is None
+        assert b.storage.status == "degraded"
+        description = b.storage.describe()
+        assert description["bucket"]["status"] == "degraded"
+        assert ACCESS_KEY not in str(description) and SECRET_KEY not in str(description)
+        # While degraded, the bucket is not asked until the probe interval.
+        failures = b.storage.bucket_failures
+        assert await read(b.storage, digest) is None
+        assert b.storage.bucket_failures == failures
+    finally:
+        swift.start_proxy()
+    nodes.clock.advance(PROBE_INTERVAL)
+    assert await read(b.storage, digest) == data
+    assert b.storage.status == "ok"
+
+
+def test_the_keys_are_never_in_a_message(tmp_path):
+    client = S3Client(
+        None,  # type: ignore[arg-type]
+        Clock(),
+        "http://127.0.0.1:1",
+        BUCKET,
+        REGION,
+        True,
+        Secret("AKIDSECRETACCESS"),
+        Secret("verysecretkey"),
+    )
+    signed = client.signed_headers("GET", client.url("k"), {}, b"")
+    assert "AKIDSECRETACCESS" in signed["Authorization"]  # sent, as SigV4 requires
+    assert "verysecretkey" not in str(signed)
+    assert hashlib.sha256(b"").hexdigest() == signed["X-Amz-Content-SHA256"]
