@@ -212,3 +212,20 @@ def test_the_keys_are_never_in_a_message(tmp_path):
     assert "AKIDSECRETACCESS" in signed["Authorization"]  # sent, as SigV4 requires
     assert "verysecretkey" not in str(signed)
     assert hashlib.sha256(b"").hexdigest() == signed["X-Amz-Content-SHA256"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_uploads_abandoned_by_a_crash_are_aborted_after_the_grace_period(
+    nodes, swift, prefix
+):
+    import time
+
+    from txregistry.storage.s3 import UPLOAD_GRACE
+
+    a = nodes()
+    s3 = botocore_client(swift.endpoint)
+    s3.create_multipart_upload(Bucket=BUCKET, Key=f"{prefix}blobs/sha256/{'0' * 64}")
+    assert await a.storage.clean_uploads() == 0, "too recent: it may be a fill in progress"
+    a.storage._now = lambda: time.time() + UPLOAD_GRACE + 60
+    assert await a.storage.clean_uploads() == 1
+    assert not s3.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix).get("Uploads")
