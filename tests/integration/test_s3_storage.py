@@ -92,14 +92,40 @@ async def store(storage: IStorage, data: bytes, chunk: int = MiB) -> Digest:
     return digest
 
 
+class _Waiter:
+    """Fires C{done} once a source is complete or has failed."""
+
+    offset = 0
+
+    def __init__(self, source) -> None:
+        self.source = source
+        self.done: Deferred[None] = Deferred()
+        self.news = 0
+
+    def more_data(self) -> None:
+        self.news += 1
+        if (self.source.is_complete() or self.source.failure()) and not self.done.called:
+            self.done.callback(None)
+
+
 async def read(storage: IStorage, digest: Digest) -> bytes | None:
+    """The whole blob, once verified; None if it is not stored or its source failed."""
     blob = await storage.open_blob(digest)
     if blob is None:
         return None
+    source = blob.source
+    waiter = _Waiter(source)
+    source.subscribe(waiter)
+    waiter.more_data()
+    await waiter.done
+    source.unsubscribe(waiter)
     try:
-        return blob.source.read(0, blob.size)
+        if source.failure() is not None:
+            return None
+        assert source.available() == blob.size
+        return source.read(0, blob.size)
     finally:
-        blob.source.release()
+        source.release()
 
 
 @pytest_twisted.ensureDeferred
@@ -119,6 +145,34 @@ async def test_a_blob_one_node_stored_fills_another_nodes_empty_local_tier(nodes
     # Now in b's local tier: the bucket is not asked again.
     s3.delete_object(Bucket=BUCKET, Key=key)
     assert await read(b.storage, digest) == data
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_blob_from_the_bucket_is_served_as_it_arrives_but_for_its_last_byte(nodes):
+    a, b = nodes(), nodes()
+    data = os.urandom(20 * MiB)
+    digest = await store(a.storage, data)
+    await settle(a.storage)
+    blob = await b.storage.open_blob(digest)
+    assert blob is not None and blob.size == len(data)
+    source = blob.source
+    waiter = _Waiter(source)
+    source.subscribe(waiter)
+    seen_partial = []
+
+    def watch() -> None:
+        if not source.is_complete() and source.available() > 0:
+            seen_partial.append(source.available())
+        _Waiter.more_data(waiter)
+
+    waiter.more_data = watch  # type: ignore[method-assign]
+    await waiter.done
+    source.unsubscribe(waiter)
+    assert seen_partial, "readers were told of bytes before the whole blob arrived"
+    assert max(seen_partial) <= len(data) - 1, "never the last byte before the check"
+    assert source.read(len(data) - 100, 100) == data[-100:]
+    source.release()
+    assert await read(b.storage, digest) == data, "and now it is in the local tier"
 
 
 @pytest_twisted.ensureDeferred

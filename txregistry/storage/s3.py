@@ -60,6 +60,7 @@ from txregistry.storage.interface import (
     TAG,
     IStagedBlob,
     IStorage,
+    Reader,
     StorageFigures,
     StoredBlob,
     StoredManifest,
@@ -256,7 +257,10 @@ class S3Storage:
         response = await self._in_bucket(lambda: self.client.get_object(key))
         if response is None:
             return None
-        if not self.local.can_stage(response.length if isinstance(response.length, int) else None):
+        size = response.length if isinstance(response.length, int) else None
+        if size is None or not self.local.can_stage(size):
+            # Served through the local tier or not at all: the upstream
+            # streams a blob too large for it, uncached, as without a bucket.
             response.deliverBody(_Discard())
             return None
         try:
@@ -264,32 +268,37 @@ class S3Storage:
         except OSError:
             response.deliverBody(_Discard())
             return None
-        try:
-            received = await _receive(response, staged)
-            hex_digest = await staged.seal()
-        except Exception as e:
-            staged.abort()
-            staged.close()
-            self._bucket_failed(S3Error("GET", None, "cut", f"{key}: {e}"))
-            return None
-        if hex_digest != digest.hex:
-            staged.abort()
-            staged.close()
+        assert isinstance(staged, StagedFile)
+        source = BucketRead(self, digest, key, size, staged)
+        response.deliverBody(source.receiver())
+        return StoredBlob(source, size)
+
+    async def _bucket_blob_arrived(self, read: BucketRead) -> None:
+        """A blob from the bucket is all on local disk: verify it, then keep it or drop it."""
+        hex_digest = await read.staged.seal()
+        if hex_digest != read.digest.hex or read.received != read.size:
+            read.staged.abort()
             self.log.error(
                 "bucket object {key} does not match its digest {digest}: deleting it;"
                 " it is fetched again from the upstream",
-                key=key,
-                digest=str(digest),
+                key=read.key,
+                digest=str(read.digest),
             )
-            await self._in_bucket(lambda: self.client.delete_object(key))
-            return None
-        stored = await staged.commit(digest, received)
-        staged.close()
-        if not stored:
-            return None
+            key = read.key
+            await self._done_in_bucket(lambda: self.client.delete_object(key))
+            read.fail(
+                BlobChangedInBucket(
+                    f"bucket object {read.key} does not match its digest {read.digest}"
+                )
+            )
+            return
+        # Verified: into the local tier, then every reader may have the last
+        # byte, whether or not the local tier managed to keep it.
         self.bucket_hits += 1
-        blob: StoredBlob | None = await self.local.open_blob(digest)
-        return blob
+        try:
+            await read.staged.commit(read.digest, read.size)
+        finally:
+            read.complete()
 
     # Manifests.
 
@@ -470,6 +479,119 @@ class S3Storage:
             else:
                 names.append(rest.replace("/", ":", 1))
         return names
+
+
+class BlobChangedInBucket(Exception):
+    """A bucket object's bytes do not match the digest it is stored under."""
+
+
+class BucketRead:
+    """
+    A blob arriving from the bucket into the local tier, served as it
+    arrives (a L{ByteSource}): readers get the bytes once they are on local
+    disk, and the last byte only once all of them matched the digest.  A
+    mismatch or a cut fails the source, so that clients' connections are
+    aborted rather than given wrong bytes.
+    """
+
+    def __init__(
+        self, storage: S3Storage, digest: Digest, key: str, size: int, staged: StagedFile
+    ) -> None:
+        self._storage = storage
+        self.digest = digest
+        self.key = key
+        self.size = size
+        self.staged = staged
+        self.received = 0
+        self._complete = False
+        self._failure: Failure | None = None
+        self._readers: set[Reader] = set()
+        # One reference for the StoredBlob's receiver, one for the download.
+        self._references = 2
+        self._closed = False
+        self._watching = False
+
+    def receiver(self) -> _IntoStaged:
+        done: Deferred[int] = Deferred()
+        done.addCallbacks(self._arrived, self._download_cut)
+        self._receiver = _IntoStaged(self.staged, done, self._progress)
+        return self._receiver
+
+    # ByteSource.
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.staged.read(offset, min(length, self.staged.written - offset))
+
+    def available(self) -> int:
+        if self._complete:
+            return self.size
+        return max(0, min(self.staged.written, self.size - 1))
+
+    def is_complete(self) -> bool:
+        return self._complete
+
+    def failure(self) -> Failure | None:
+        return self._failure
+
+    def subscribe(self, reader: Reader) -> None:
+        self._readers.add(reader)
+
+    def unsubscribe(self, reader: Reader) -> None:
+        self._readers.discard(reader)
+
+    def release(self) -> None:
+        self._references -= 1
+        if self._references == 0 and not self._closed:
+            self._closed = True
+            self.staged.close()
+
+    # Driven by the download.
+
+    def _progress(self) -> None:
+        """More is on its way to disk: tell readers whenever the disk catches up."""
+        self._notify()
+        if not self._watching and self._failure is None and not self._complete:
+            self._watching = True
+            self.staged.wake_on_progress(self.staged.written, self._written)
+
+    def _written(self) -> None:
+        self._watching = False
+        if self.staged.written < self._receiver.received:
+            self._progress()
+        else:
+            self._notify()
+
+    def _arrived(self, received: int) -> None:
+        self.received = received
+        d = ensureDeferred(self._storage._bucket_blob_arrived(self))
+        d.addErrback(self._cut)
+        d.addBoth(lambda _: self.release())
+
+    def _download_cut(self, failure: Failure) -> None:
+        self._cut(failure)
+        self.release()
+
+    def _cut(self, failure: Failure) -> None:
+        if self._complete or self._failure is not None:
+            return
+        self.staged.abort()
+        self._storage._bucket_failed(
+            S3Error("GET", None, "cut", f"{self.key}: {failure.getErrorMessage()}")
+        )
+        self._failure = failure
+        self._notify()
+
+    def fail(self, error: BaseException) -> None:
+        self._failure = Failure(error)
+        self._notify()
+
+    def complete(self) -> None:
+        self._complete = True
+        self._notify()
+
+    def _notify(self) -> None:
+        for reader in list(self._readers):
+            reader.more_data()
 
 
 class _Upload:
@@ -685,15 +807,22 @@ _DONE = Failure(ResponseDone())
 class _IntoStaged(Protocol):
     """A bucket response's body into a staged blob, pausing while the disk is behind."""
 
-    def __init__(self, staged: IStagedBlob, done: Deferred[int]) -> None:
+    def __init__(
+        self,
+        staged: IStagedBlob,
+        done: Deferred[int],
+        progress: Callable[[], None] = lambda: None,
+    ) -> None:
         self._staged = staged
         self._done = done
+        self._progress = progress
         self.received = 0
         self._paused = False
 
     def dataReceived(self, data: bytes) -> None:
         self._staged.append(data)
         self.received += len(data)
+        self._progress()
         if not self._paused and self.received - self._staged.written > _AHEAD:
             self._paused = True
             _producer(self).pauseProducing()
@@ -739,12 +868,6 @@ class _Collect(Protocol):
 class _Discard(Protocol):
     def connectionMade(self) -> None:
         _producer(self).stopProducing()
-
-
-def _receive(response: IResponse, staged: IStagedBlob) -> Deferred[int]:
-    done: Deferred[int] = Deferred()
-    response.deliverBody(_IntoStaged(staged, done))
-    return done
 
 
 # A manifest is at most 4 MiB (distribution's limit).
