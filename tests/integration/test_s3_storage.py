@@ -283,3 +283,34 @@ async def test_uploads_abandoned_by_a_crash_are_aborted_after_the_grace_period(
     a.storage._now = lambda: time.time() + UPLOAD_GRACE + 60
     assert await a.storage.clean_uploads() == 1
     assert not s3.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix).get("Uploads")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_doctor_checks_the_bucket_with_a_signed_round_trip(swift, prefix):
+    from txregistry.cli.bucket_check import check_bucket
+    from txregistry.config import S3Config
+
+    config = S3Config(
+        endpoint=swift.endpoint,
+        bucket=BUCKET,
+        region=REGION,
+        access_key=Secret(ACCESS_KEY),
+        secret_key=Secret(SECRET_KEY),
+        prefix=prefix,
+    )
+    good = await check_bucket(reactor, config)
+    assert good.ok, good.text
+    assert (
+        not botocore_client(swift.endpoint)
+        .list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+        .get("Contents")
+    ), "the probe object is deleted"
+    from dataclasses import replace
+
+    wrong_secret = "not-the-secret-key"
+    bad = await check_bucket(reactor, replace(config, secret_key=Secret(wrong_secret)))
+    assert not bad.ok
+    assert "PUT failed" in bad.text and "check the keys" in bad.text
+    assert wrong_secret not in bad.text
+    missing = await check_bucket(reactor, replace(config, bucket="no-such-bucket"))
+    assert not missing.ok and "NoSuchBucket" in missing.text, missing.text
