@@ -237,11 +237,12 @@ class RegistryService(MultiService):
         )
         self._figures = LoopingCall(self.storage.update_figures)
         self._figures.clock = clock
-        # The S3 backend's upkeep: multipart uploads a crash left behind.
-        clean_uploads = getattr(self.storage, "clean_uploads", None)
-        self._upload_cleaning = LoopingCall(clean_uploads) if clean_uploads else None
-        if self._upload_cleaning is not None:
-            self._upload_cleaning.clock = clock
+        # The S3 backend's upkeep: multipart uploads a crash left behind, and
+        # the bucket's size limit.
+        bucket_upkeep = getattr(self.storage, "upkeep", None)
+        self._bucket_upkeep = LoopingCall(bucket_upkeep) if bucket_upkeep else None
+        if self._bucket_upkeep is not None:
+            self._bucket_upkeep.clock = clock
         self.ready = False
 
     def _listeners(self, key: str, descriptions: tuple[str, ...], factory: Site) -> list[Listener]:
@@ -306,8 +307,8 @@ class RegistryService(MultiService):
             self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
         self._figures.start(15, now=True)
         self.scrubber.start()
-        if self._upload_cleaning is not None:
-            self._upload_cleaning.start(3600, now=True)
+        if self._bucket_upkeep is not None:
+            self._bucket_upkeep.start(3600, now=True)
         # Tag answers an earlier version kept are brought into the current
         # layout before we say we are ready, so that a restart onto this
         # version still serves them when the upstream is down.
@@ -372,8 +373,8 @@ class RegistryService(MultiService):
             self._figures.stop()
         self.scrubber.stop()
         self.exhaustion.stop()
-        if self._upload_cleaning is not None and self._upload_cleaning.running:
-            self._upload_cleaning.stop()
+        if self._bucket_upkeep is not None and self._bucket_upkeep.running:
+            self._bucket_upkeep.stop()
         listeners_stopped = super().stopService()
         return Deferred.fromCoroutine(self._stop(listeners_stopped))
 

@@ -343,6 +343,8 @@ class S3Config:
     prefix: str = ""
     path_style: bool = True
     ca_file: Path | None = None
+    # The most the bucket may hold under prefix; None: no limit of ours.
+    size_limit: int | None = None
 
 
 @dataclass(frozen=True)

@@ -430,6 +430,7 @@ def _s3(table: _Table, environ: Mapping[str, str]) -> S3Config:
     aws = (parts.hostname or "").endswith(".amazonaws.com")
     path_style = table.get("path_style", _boolean, not aws)
     ca_file = table.get("ca_file", lambda v: Path(_string(v)).expanduser(), None)
+    size_limit = table.get("size_limit", parse_size, None)
     access_key, access_source = _s3_key(table, "access_key", "AWS_ACCESS_KEY_ID", environ)
     secret_key, secret_source = _s3_key(table, "secret_key", "AWS_SECRET_ACCESS_KEY", environ)
     table.finish()
@@ -444,6 +445,7 @@ def _s3(table: _Table, environ: Mapping[str, str]) -> S3Config:
         prefix=prefix,
         path_style=path_style,
         ca_file=ca_file,
+        size_limit=size_limit,
     )
 
 

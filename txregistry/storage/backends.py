@@ -55,7 +55,9 @@ def make_storage(
     s3 = config.storage.s3
     if config.storage.backend != "s3" or s3 is None:
         return local
-    return S3Storage(local, s3_client(reactor, s3), s3.prefix, run_blocking, reactor)
+    return S3Storage(
+        local, s3_client(reactor, s3), s3.prefix, run_blocking, reactor, size_limit=s3.size_limit
+    )
 
 
 __all__ = ["make_storage", "s3_client"]

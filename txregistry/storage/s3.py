@@ -78,6 +78,17 @@ PART_SIZE = 8 << 20
 _AHEAD = 8 << 20
 PROBE_INTERVAL = 10.0
 UPLOAD_GRACE = 24 * 3600.0
+# A node records a use of an object in the bucket at most this often...
+TOUCH_INTERVAL = 3600.0
+# ...and the bucket's gc leaves alone whatever was written or used this
+# recently: twice the interval, so that an object a node is reading (and so
+# touched, or had touched within the interval) is never taken from under it.
+GC_GRACE = 2 * TOUCH_INTERVAL
+
+
+def access_key(prefix: str, kind: str, name: str) -> str:
+    """Where the last use of an object is recorded: an empty object, by its LastModified."""
+    return f"{prefix}access/{object_key('', kind, name)}"
 
 
 def object_key(prefix: str, kind: str, name: str) -> str:
@@ -109,7 +120,12 @@ class S3Storage:
         clock: IReactorTime,
         part_size: int = PART_SIZE,
         now: Callable[[], float] = time.time,
+        size_limit: int | None = None,
     ) -> None:
+        """
+        @param size_limit: the most the bucket may hold under C{prefix}
+            (blobs and manifests), applied by L{collect_garbage}; None for no limit.
+        """
         self.local = local
         self.client = client
         self.prefix = prefix
@@ -122,6 +138,10 @@ class S3Storage:
         self.bucket_hits = 0
         self.bucket_writes = 0
         self.bucket_failures = 0
+        self.size_limit = size_limit
+        self.bucket_evictions = 0
+        # When this node last recorded a use of each object, by key.
+        self._touched: dict[str, float] = {}
         # Uploads in progress, so that a stop can wait for none and tests can watch.
         self.uploads: set[_Upload] = set()
 
@@ -252,6 +272,7 @@ class S3Storage:
     async def _open_blob(self, digest: Digest) -> StoredBlob | None:
         local: StoredBlob | None = await self.local.open_blob(digest)
         if local is not None:
+            self._touch(BLOB, str(digest))
             return local
         key = object_key(self.prefix, BLOB, str(digest))
         response = await self._in_bucket(lambda: self.client.get_object(key))
@@ -271,6 +292,7 @@ class S3Storage:
         assert isinstance(staged, StagedFile)
         source = BucketRead(self, digest, key, size, staged)
         response.deliverBody(source.receiver())
+        self._touch(BLOB, str(digest))
         return StoredBlob(source, size)
 
     async def _bucket_blob_arrived(self, read: BucketRead) -> None:
@@ -311,6 +333,7 @@ class S3Storage:
     async def _get_manifest(self, digest: Digest) -> StoredManifest | None:
         local: StoredManifest | None = await self.local.get_manifest(digest)
         if local is not None:
+            self._touch(MANIFEST, str(digest))
             return local
         key = object_key(self.prefix, MANIFEST, str(digest))
         response = await self._in_bucket(lambda: self.client.get_object(key))
@@ -334,6 +357,7 @@ class S3Storage:
         media_type = response.headers.getRawHeaders("content-type", [""])[0]
         manifest = StoredManifest(str(media_type), body)
         self.bucket_hits += 1
+        self._touch(MANIFEST, str(digest))
         await self.local.put_manifest(digest, manifest)
         return manifest
 
@@ -443,6 +467,20 @@ class S3Storage:
 
     # Upkeep of the bucket.
 
+    def upkeep(self) -> Deferred[None]:
+        """The bucket's periodic upkeep: abandoned uploads, then the size limit."""
+
+        async def both() -> None:
+            try:
+                await self._clean_uploads()
+                await self._collect_garbage()
+            except Exception:
+                # Bucket failures are S3Errors, handled on the way; this is a
+                # bug, and must not stop the next hour's upkeep.
+                self.log.failure("the bucket's upkeep failed")
+
+        return ensureDeferred(both())
+
     def clean_uploads(self) -> Deferred[int]:
         """Abort multipart uploads under our prefix older than L{UPLOAD_GRACE}: left by a crash."""
         return ensureDeferred(self._clean_uploads())
@@ -463,6 +501,81 @@ class S3Storage:
         if aborted:
             self.log.info("aborted {count} abandoned multipart uploads", count=aborted)
         return aborted
+
+    def _touch(self, kind: str, name: str) -> None:
+        """
+        Record, at most once per L{TOUCH_INTERVAL} per object and node, that
+        this node uses it: the bucket's LRU is across the fleet, and a node
+        that serves a blob from its local tier must keep it warm there too.
+        In the background: a lost touch only makes the object look older.
+        """
+        key = access_key(self.prefix, kind, name)
+        now = self._now()
+        if now - self._touched.get(key, -TOUCH_INTERVAL) < TOUCH_INTERVAL:
+            return
+        if self.bucket_problem is not None:
+            return
+        self._touched[key] = now
+        ensureDeferred(
+            self._done_in_bucket(
+                lambda: self.client.put_object(key, b"", content_type="application/octet-stream")
+            )
+        )
+
+    def collect_garbage(self) -> Deferred[int]:
+        """
+        Keep the bucket under its size limit, least recently used (across
+        the fleet) first; how many objects were deleted.
+
+        Safe on two nodes at once: both see the same listing, delete the same
+        objects, and S3's DELETE is idempotent.  Nothing written or used
+        within L{GC_GRACE} is deleted, so a fill being completed or a blob
+        being read stays.
+        """
+        return ensureDeferred(self._collect_garbage())
+
+    async def _collect_garbage(self) -> int:
+        if self.size_limit is None:
+            return 0
+        listed = await self._in_bucket(lambda: self.client.list_objects(self.prefix))
+        if listed is None:
+            return 0
+        used: dict[str, float] = {}
+        content: dict[str, tuple[int, float]] = {}
+        access_prefix = f"{self.prefix}access/"
+        for item in listed:
+            when = _parse_time(item.last_modified) or 0.0
+            if item.key.startswith(access_prefix):
+                target = self.prefix + item.key[len(access_prefix) :]
+                used[target] = max(used.get(target, 0.0), when)
+            elif item.key.startswith((f"{self.prefix}blobs/", f"{self.prefix}manifests/")):
+                content[item.key] = (item.size, when)
+        total = sum(size for size, _ in content.values())
+        now = self._now()
+        candidates = sorted(
+            (max(written, used.get(key, 0.0)), key, size)
+            for key, (size, written) in content.items()
+        )
+        deleted = 0
+        for last_used, key, size in candidates:
+            if total <= self.size_limit:
+                break
+            if now - last_used < GC_GRACE:
+                break  # everything after it is younger still
+            access = access_prefix + key[len(self.prefix) :]
+            if not await self._done_in_bucket(lambda: self.client.delete_object(key)):  # noqa: B023
+                break
+            await self._done_in_bucket(lambda: self.client.delete_object(access))  # noqa: B023
+            total -= size
+            deleted += 1
+        if deleted:
+            self.bucket_evictions += deleted
+            self.log.info(
+                "bucket gc: deleted {count} least recently used objects; {size} bytes remain",
+                count=deleted,
+                size=total,
+            )
+        return deleted
 
     def bucket_entries(self, kind: str) -> Deferred[list[str]]:
         """The names of one kind of entry in the bucket (a listing: for stats, not lookups)."""
