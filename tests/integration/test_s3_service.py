@@ -72,3 +72,47 @@ async def test_a_node_with_an_empty_local_tier_serves_from_the_bucket(
     assert "txregistry_bucket_hits_total" in metrics
     everything = logs.text() + json.dumps(health) + metrics
     assert SECRET_KEY not in everything and ACCESS_KEY not in everything
+
+
+def test_cache_stats_covers_the_local_tier_and_the_bucket(tmp_path, swift):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from harness.swift import botocore_client
+
+    from txregistry.storage.disk import DiskStorage
+    from txregistry.storage.runner import run_inline
+
+    local = DiskStorage(tmp_path / "cache", 1 << 30, run_inline)
+    local.start()
+    local.stop()
+    prefix = f"stats-{os.urandom(6).hex()}/"
+    s3 = botocore_client(swift.endpoint)
+    s3.put_object(Bucket=BUCKET, Key=f"{prefix}blobs/sha256/{'1' * 64}", Body=b"x" * 1000)
+    s3.put_object(Bucket=BUCKET, Key=f"{prefix}manifests/sha256/{'2' * 64}", Body=b"y" * 24)
+    s3.put_object(Bucket=BUCKET, Key=f"{prefix}tags/docker.io%2Fa%3A1", Body=b"{}")
+    config = tmp_path / "txregistry.toml"
+    config.write_text(
+        f'[cache]\ndirectory = "{tmp_path / "cache"}"\n'
+        f'[storage]\nbackend = "s3"\n[storage.s3]\nendpoint = "{swift.endpoint}"\n'
+        f'bucket = "{BUCKET}"\nprefix = "{prefix}"\nregion = "{REGION}"\n'
+    )
+    root = Path(__file__).parents[2]
+    environment = {
+        **os.environ,
+        "PYTHONPATH": str(root),
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "txregistry", "cache", "stats", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"bucket      {BUCKET} at {swift.endpoint} under {prefix}" in done.stdout
+    assert "1.0 KiB: 1 blobs, 1 manifests, 1 tags" in done.stdout, done.stdout
+    assert SECRET_KEY not in done.stdout + done.stderr

@@ -58,3 +58,47 @@ def _hint(error: S3Error) -> str:
     if error.code in ("AuthorizationHeaderMalformed", "PermanentRedirect"):
         return " (check region, and path_style)"
     return ""
+
+
+@dataclass(frozen=True)
+class BucketStats:
+    blobs: int
+    manifests: int
+    tags: int
+    size: int
+
+
+async def bucket_stats(reactor: Any, config: S3Config) -> BucketStats:
+    """What the bucket holds under the prefix, from a listing (for C{cache stats})."""
+    client = s3_client(reactor, config)
+    client.backoff = replace(Backoff(), attempts=2)
+    counts = {"blobs/": 0, "manifests/": 0, "tags/": 0}
+    size = 0
+    for item in await client.list_objects(config.prefix):
+        rest = item.key[len(config.prefix) :]
+        for folder in counts:
+            if rest.startswith(folder):
+                counts[folder] += 1
+                if folder != "tags/":
+                    size += item.size
+    return BucketStats(counts["blobs/"], counts["manifests/"], counts["tags/"], size)
+
+
+def run_bucket_stats(config: S3Config) -> BucketStats | S3Error:
+    """L{bucket_stats} on a reactor of its own, for the command line."""
+    from twisted.internet import task
+    from twisted.internet.defer import Deferred
+
+    results: list[BucketStats | S3Error] = []
+
+    async def count(reactor: Any) -> None:
+        try:
+            results.append(await bucket_stats(reactor, config))
+        except S3Error as e:
+            results.append(e)
+
+    try:
+        task.react(lambda reactor: Deferred.fromCoroutine(count(reactor)))
+    except SystemExit:  # react() always ends with sys.exit
+        pass
+    return results[0]
