@@ -116,3 +116,59 @@ def test_cache_stats_covers_the_local_tier_and_the_bucket(tmp_path, swift):
     assert f"bucket      {BUCKET} at {swift.endpoint} under {prefix}" in done.stdout
     assert "1.0 KiB: 1 blobs, 1 manifests, 1 tags" in done.stdout, done.stdout
     assert SECRET_KEY not in done.stdout + done.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_pulls_go_on_while_the_bucket_is_stopped_and_it_comes_back(
+    upstream, blob, swift, start_txregistry
+):
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    digest, data = blob
+    node = start_txregistry(hub(upstream.url), storage=s3_storage(swift))
+    await node.service.storage.probed
+    blob_path = f"/v2/library/faults/blobs/{digest}"
+    swift.stop_proxy()
+    try:
+        response = await treq.get(node.url + blob_path)
+        assert response.code == 200 and await response.content() == data
+        assert response.headers.getRawHeaders("X-Cache") == ["MISS"]
+        health = await (await treq.get(node.url + "/health")).json()
+        assert health["cache"]["status"] == "degraded"
+        assert "bucket" in health["cache"]["bucket"]["problem"]
+        # From the local tier, with the bucket still down.
+        response = await treq.get(node.url + blob_path)
+        assert response.headers.getRawHeaders("X-Cache") == ["HIT"]
+        assert await response.content() == data
+    finally:
+        swift.start_proxy()
+    # The bucket is asked again after the probe interval; wait for it (the
+    # deadline guards against a hang, it measures nothing).
+    manifest = upstream.images["small"]
+    path = f"/v2/{manifest.repository}/manifests/{manifest.tag}"
+    for _ in range(600):
+        await treq.get(node.url + path, headers={"Accept": "*/*"})
+        health = await (await treq.get(node.url + "/health")).json()
+        if health["cache"]["status"] == "ok":
+            break
+        await deferLater(reactor, 0.1, lambda: None)
+    assert health["cache"]["status"] == "ok", health
+
+    # Nothing is lost: the blob fetched while the bucket was down goes up
+    # with its next use.
+    from harness.swift import botocore_client
+
+    from txregistry.storage.s3 import object_key
+
+    storage = node.service.storage
+    response = await treq.get(node.url + blob_path)
+    assert await response.content() == data
+    key = object_key(storage.prefix, "blob", digest)
+    s3 = botocore_client(swift.endpoint)
+    for _ in range(600):
+        listed = s3.list_objects_v2(Bucket=BUCKET, Prefix=key).get("Contents", [])
+        if listed:
+            break
+        await deferLater(reactor, 0.1, lambda: None)
+    assert [item["Size"] for item in listed] == [len(data)]

@@ -53,7 +53,7 @@ from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from txregistry.oci.reference import Digest
-from txregistry.storage.disk import DiskStorage
+from txregistry.storage.disk import DiskStorage, LocalFile
 from txregistry.storage.interface import (
     BLOB,
     MANIFEST,
@@ -169,7 +169,22 @@ class S3Storage:
         return figures
 
     def start(self) -> None:
+        """Open the local tier, and look at the bucket in the background, for C{/health}."""
         self.local.start()
+        self.probed = ensureDeferred(self._probe())
+
+    async def _probe(self) -> None:
+        try:
+            await self.client.head_bucket()
+        except S3Error as e:
+            # Any failure here, even a 404 (no such bucket), degrades us.
+            self._bucket_failed(e)
+        else:
+            self.log.info(
+                "bucket {bucket} at {endpoint} reachable",
+                bucket=self.client.bucket,
+                endpoint=self.client.endpoint,
+            )
 
     def stop(self) -> None:
         self.local.stop()
@@ -521,6 +536,34 @@ class S3Storage:
                 lambda: self.client.put_object(key, b"", content_type="application/octet-stream")
             )
         )
+        if kind == BLOB:
+            ensureDeferred(self._heal(Digest.parse(name)))
+
+    async def _heal(self, digest: Digest) -> None:
+        """
+        A blob this node serves from its local tier should be in the bucket
+        too: one fetched while the bucket was down is not.  Checked with the
+        touch, so at most once an interval per blob; uploaded from the
+        local file if missing.
+        """
+        key = object_key(self.prefix, BLOB, str(digest))
+        try:
+            present = await self.client.head_object(key)
+        except S3Error as e:
+            if e.retryable:
+                self._bucket_failed(e)
+            return
+        if present is not None:
+            return
+        stored: StoredBlob | None = await self.local.open_blob(digest, False)
+        if stored is None or not isinstance(stored.source, LocalFile):
+            return
+        try:
+            fd = os.dup(stored.source.fileno())
+        finally:
+            stored.source.release()
+        self.log.info("uploading {digest} to the bucket, which lacks it", digest=str(digest))
+        await _Upload(self, digest, fd).commit(stored.size)
 
     def collect_garbage(self) -> Deferred[int]:
         """
@@ -779,7 +822,7 @@ class _Upload:
                 await self._busy
             if self._skip:
                 return
-            if self._upload_id is None:
+            if self._upload_id is None and size <= self._storage.part_size:
                 # Smaller than a part: one PUT (of the same bytes, should
                 # another node have stored it meanwhile).
                 data, sha256 = await self._storage._run(self._read, 0, size)

@@ -267,6 +267,12 @@ class S3Client:
         headers: Headers = response.headers
         return headers
 
+    async def head_bucket(self) -> None:
+        """Whether the bucket is there and ours to use: raises L{S3Error} if not."""
+        response = await self.request("HEAD bucket", "HEAD", "")
+        assert response is not None
+        await treq.content(response)
+
     async def delete_object(self, key: str) -> None:
         response = await self.request("DELETE", "DELETE", key, ok=(200, 204), missing_ok=True)
         if response is not None:
