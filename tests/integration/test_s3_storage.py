@@ -314,3 +314,21 @@ async def test_the_doctor_checks_the_bucket_with_a_signed_round_trip(swift, pref
     assert wrong_secret not in bad.text
     missing = await check_bucket(reactor, replace(config, bucket="no-such-bucket"))
     assert not missing.ok and "NoSuchBucket" in missing.text, missing.text
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fresh_local_tag_answer_does_not_ask_the_bucket(nodes):
+    import time
+
+    a, b = nodes(), nodes()
+    b.storage.tag_ttl = 300.0
+    now = time.time()
+    mine = TagEntry("sha256:" + "1" * 64, "application/x.test", 1, now - 10)
+    await b.storage.put_tag("docker.io/library/a:2", mine)
+    await a.storage.put_tag(
+        "docker.io/library/a:2", TagEntry("sha256:" + "2" * 64, "application/x.test", 1, now)
+    )
+    assert await b.storage.get_tag("docker.io/library/a:2") == mine, "within tag_ttl: its own"
+    b.storage.tag_ttl = 5.0
+    shared = await b.storage.get_tag("docker.io/library/a:2")
+    assert shared is not None and shared.digest == "sha256:" + "2" * 64, "past it: the newer"

@@ -65,6 +65,7 @@ def test_keys_from_files_private_to_their_owner(tmp_path) -> None:
         ({"bucket": "Not_A_Bucket"}, "storage.s3.bucket", "is not an S3 bucket name"),
         ({"endpoint": "s3.example"}, "storage.s3.endpoint", "is not an http:// or https:// URL"),
         ({"access_key_env": "NOPE"}, "storage.s3.access_key_env", "$NOPE is not set"),
+        ({"endpoint": "http://k:s@h:9000"}, "storage.s3.endpoint", "must not hold credentials"),
         ({"sekret": 1}, "storage.s3.sekret", "unknown key"),
     ],
 )

@@ -415,6 +415,11 @@ def _s3(table: _Table, environ: Mapping[str, str]) -> S3Config:
         raise ConfigError(
             table.where("endpoint"), f"{endpoint!r} is not an http:// or https:// URL"
         )
+    if parts.username or parts.password:
+        raise ConfigError(
+            table.where("endpoint"),
+            "must not hold credentials: give access_key_file and secret_key_file instead",
+        )
     bucket = table.get("bucket", _string, "")
     if not bucket:
         raise ConfigError(table.where("bucket"), 'is required with backend = "s3"')

@@ -56,7 +56,13 @@ def make_storage(
     if config.storage.backend != "s3" or s3 is None:
         return local
     return S3Storage(
-        local, s3_client(reactor, s3), s3.prefix, run_blocking, reactor, size_limit=s3.size_limit
+        local,
+        s3_client(reactor, s3),
+        s3.prefix,
+        run_blocking,
+        reactor,
+        size_limit=s3.size_limit,
+        tag_ttl=config.cache.tag_ttl,
     )
 
 

@@ -121,10 +121,13 @@ class S3Storage:
         part_size: int = PART_SIZE,
         now: Callable[[], float] = time.time,
         size_limit: int | None = None,
+        tag_ttl: float = 0.0,
     ) -> None:
         """
         @param size_limit: the most the bucket may hold under C{prefix}
             (blobs and manifests), applied by L{collect_garbage}; None for no limit.
+        @param tag_ttl: a local tag answer this young is used without asking
+            the bucket for a newer one (it would be used as it is anyway).
         """
         self.local = local
         self.client = client
@@ -139,6 +142,7 @@ class S3Storage:
         self.bucket_writes = 0
         self.bucket_failures = 0
         self.size_limit = size_limit
+        self.tag_ttl = tag_ttl
         self.bucket_evictions = 0
         # When this node last recorded a use of each object, by key.
         self._touched: dict[str, float] = {}
@@ -399,6 +403,8 @@ class S3Storage:
     async def _get_tag(self, key: str) -> TagEntry | None:
         """The newer of the local and the shared answer: another node may have checked it."""
         local: TagEntry | None = await self.local.get_tag(key)
+        if local is not None and self._now() - local.checked_at < self.tag_ttl:
+            return local
         shared_body = await self._in_bucket(
             lambda: self.client.get_small(object_key(self.prefix, TAG, key))
         )
