@@ -317,6 +317,9 @@ class S3Storage:
     async def _bucket_blob_arrived(self, read: BucketRead) -> None:
         """A blob from the bucket is all on local disk: verify it, then keep it or drop it."""
         hex_digest = await read.staged.seal()
+        if read.failure() is not None:
+            read.staged.abort()
+            return
         if hex_digest != read.digest.hex or read.received != read.size:
             read.staged.abort()
             self.log.error(
@@ -711,6 +714,14 @@ class BucketRead:
 
     def _progress(self) -> None:
         """More is on its way to disk: tell readers whenever the disk catches up."""
+        failure = self.staged.failure
+        if failure is not None and self._failure is None and not self._complete:
+            # The local tier cannot take it: readers, who read from its file,
+            # would wait for ever.  They are aborted, and retry.
+            self._storage.report_problem(f"cannot write a blob from the bucket: {failure}")
+            self._failure = Failure(failure)
+            self._notify()
+            return
         self._notify()
         if not self._watching and self._failure is None and not self._complete:
             self._watching = True
