@@ -246,9 +246,11 @@ async def test_a_stopped_bucket_degrades_and_recovers(nodes, swift):
         assert b.storage.bucket_failures == failures
     finally:
         swift.start_proxy()
+    # Nothing asks the bucket, but the probe notices it is back.
     nodes.clock.advance(PROBE_INTERVAL)
-    assert await read(b.storage, digest) == data
+    await b.storage.probed
     assert b.storage.status == "ok"
+    assert await read(b.storage, digest) == data
 
 
 def test_the_keys_are_never_in_a_message(tmp_path):

@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -67,7 +67,7 @@ from txregistry.storage.interface import (
     TagEntry,
 )
 from txregistry.storage.runner import BlockingRunner
-from txregistry.storage.s3_client import S3Client, S3Error
+from txregistry.storage.s3_client import S3Client, S3Error, file_range_body
 from txregistry.storage.staging import StagedFile
 
 T = TypeVar("T")
@@ -146,6 +146,7 @@ class S3Storage:
         self.bucket_evictions = 0
         # When this node last recorded a use of each object, by key.
         self._touched: dict[str, float] = {}
+        self._probe_call: IDelayedCall | None = None
         # Uploads in progress, so that a stop can wait for none and tests can watch.
         self.uploads: set[_Upload] = set()
 
@@ -184,13 +185,31 @@ class S3Storage:
             # Any failure here, even a 404 (no such bucket), degrades us.
             self._bucket_failed(e)
         else:
-            self.log.info(
-                "bucket {bucket} at {endpoint} reachable",
-                bucket=self.client.bucket,
-                endpoint=self.client.endpoint,
-            )
+            if self.bucket_problem is None:
+                self.log.info(
+                    "bucket {bucket} at {endpoint} reachable",
+                    bucket=self.client.bucket,
+                    endpoint=self.client.endpoint,
+                )
+            self._bucket_worked()
+
+    def _schedule_probe(self) -> None:
+        """
+        While degraded, look at the bucket every L{PROBE_INTERVAL}: a node
+        serving only from its local tier would otherwise never notice that
+        the bucket is back.
+        """
+        if self._probe_call is None or not self._probe_call.active():
+            self._probe_call = self._clock.callLater(PROBE_INTERVAL, self._probe_now)
+
+    def _probe_now(self) -> None:
+        self._probe_call = None
+        if self.bucket_problem is not None:
+            self.probed = ensureDeferred(self._probe())
 
     def stop(self) -> None:
+        if self._probe_call is not None and self._probe_call.active():
+            self._probe_call.cancel()
         self.local.stop()
 
     def report_problem(self, problem: str) -> None:
@@ -234,6 +253,7 @@ class S3Storage:
             )
         self.bucket_problem = problem
         self._skip_until = self._clock.seconds() + PROBE_INTERVAL
+        self._schedule_probe()
 
     def _bucket_worked(self) -> None:
         if self.bucket_problem is not None:
@@ -786,6 +806,7 @@ class _Upload:
         self._busy: Deferred[None] | None = None
         self.failed: Exception | None = None
         self.finished = False
+        self._committing = False
         # Set to skip the bucket: it is failing now, or the blob is already there.
         self._skip = not storage._bucket_usable()
         storage.uploads.add(self)
@@ -794,6 +815,8 @@ class _Upload:
         """The fill has C{written} bytes on disk: send a part if a whole one is waiting."""
         if self._skip or self.failed or self._busy is not None or self.finished:
             return
+        if self._committing:
+            return  # the commit sends the rest itself
         if written - self.sent >= self._storage.part_size:
             self._busy = ensureDeferred(self._send_part(self._storage.part_size))
             self._busy.addBoth(self._part_done, written)
@@ -806,31 +829,39 @@ class _Upload:
         try:
             if self._upload_id is None:
                 self._upload_id = await self._client.create_multipart(self.key)
-            data, sha256 = await self._storage._run(self._read, self.sent, length)
+            assert self._fd is not None
+            # Hashed off the reactor thread (SigV4 signs the part's SHA-256),
+            # then streamed from the file: memory holds a chunk, not a part.
+            sha256 = await self._storage._run(self._hash, self.sent, length)
             etag = await self._client.upload_part(
-                self.key, self._upload_id, len(self._etags) + 1, data, sha256
+                self.key,
+                self._upload_id,
+                len(self._etags) + 1,
+                file_range_body(self._fd, self.sent, length),
+                sha256,
             )
         except Exception as e:
             self.failed = e
             return
         self._etags.append(etag)
-        self.sent += len(data)
+        self.sent += length
 
-    def _read(self, offset: int, length: int) -> tuple[bytes, str]:
+    def _hash(self, offset: int, length: int) -> str:
+        """The SHA-256 of a range of the file, read 1 MiB at a time; in the runner's thread."""
         assert self._fd is not None
-        chunks = []
-        while length > 0:
-            chunk = os.pread(self._fd, min(length, 1 << 20), offset)
+        hasher = hashlib.sha256()
+        end = offset + length
+        while offset < end:
+            chunk = os.pread(self._fd, min(end - offset, 1 << 20), offset)
             if not chunk:
-                break
-            chunks.append(chunk)
+                raise OSError(f"the file of {self.digest} ended at byte {offset} of {end}")
+            hasher.update(chunk)
             offset += len(chunk)
-            length -= len(chunk)
-        data = b"".join(chunks)
-        return data, hashlib.sha256(data).hexdigest()
+        return hasher.hexdigest()
 
     def commit(self, size: int) -> Deferred[None]:
         """The fill verified its digest: send the rest, and complete (in the background)."""
+        self._committing = True
         return ensureDeferred(self._commit(size))
 
     async def _commit(self, size: int) -> None:
@@ -842,11 +873,16 @@ class _Upload:
             if self._upload_id is None and size <= self._storage.part_size:
                 # Smaller than a part: one PUT (of the same bytes, should
                 # another node have stored it meanwhile).
-                data, sha256 = await self._storage._run(self._read, 0, size)
+                assert self._fd is not None
+                sha256 = await self._storage._run(self._hash, 0, size)
+                body = file_range_body(self._fd, 0, size)
                 if await self._storage._done_in_bucket(
-                    lambda: self._client.put_object(self.key, data, sha256=sha256)
+                    lambda: self._client.put_object(self.key, body, sha256=sha256)
                 ):
                     self._storage.bucket_writes += 1
+                    self._storage.log.info(
+                        "stored {digest} in the bucket (one PUT)", digest=str(self.digest)
+                    )
                 return
             while not self.failed and self.sent < size:
                 await self._send_part(min(self._storage.part_size, size - self.sent))
@@ -863,6 +899,11 @@ class _Upload:
                 await self._abort()
                 return
             self._storage.bucket_writes += 1
+            self._storage.log.info(
+                "stored {digest} in the bucket ({parts} parts)",
+                digest=str(self.digest),
+                parts=len(self._etags),
+            )
         except Exception as e:
             self._storage.log.failure("uploading {key} to the bucket", Failure(), key=self.key)
             self.failed = e

@@ -20,6 +20,7 @@ on which object failed and what S3 answered, never a header or a signed URL.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -175,7 +177,7 @@ class S3Client:
         key: str,
         query: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
-        body: bytes = b"",
+        body: bytes | BodyFactory = b"",
         ok: tuple[int, ...] = (200,),
         missing_ok: bool = False,
         body_sha256: str | None = None,
@@ -211,14 +213,26 @@ class S3Client:
             await deferLater(self._clock, delay, lambda: None)
 
     def _send(
-        self, method: str, url: str, headers: dict[str, str], body: bytes, body_sha256: str | None
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: bytes | BodyFactory,
+        body_sha256: str | None,
     ) -> Deferred[IResponse]:
-        signed = self.signed_headers(method, url, headers, body, body_sha256)
+        if callable(body):
+            # A body streamed from a file: a new producer for each attempt.
+            assert body_sha256 is not None, "a streamed body is signed by its hash"
+            signed = self.signed_headers(method, url, headers, b"", body_sha256)
+            producer: IBodyProducer | None = body()
+        else:
+            signed = self.signed_headers(method, url, headers, body, body_sha256)
+            producer = _Body(body) if body else None
         sent: Deferred[IResponse] = self._http.request(  # type: ignore[assignment]
             method,
             url,
             headers=Headers({name: [value] for name, value in signed.items()}),
-            data=_Body(body) if body else None,
+            data=producer,
             unbuffered=True,
             allow_redirects=False,
         )
@@ -229,7 +243,7 @@ class S3Client:
     async def put_object(
         self,
         key: str,
-        body: bytes,
+        body: bytes | BodyFactory,
         content_type: str = "application/octet-stream",
         sha256: str | None = None,
     ) -> None:
@@ -321,7 +335,12 @@ class S3Client:
         return _text(await _xml(response), "UploadId")
 
     async def upload_part(
-        self, key: str, upload_id: str, number: int, body: bytes, body_sha256: str | None = None
+        self,
+        key: str,
+        upload_id: str,
+        number: int,
+        body: bytes | BodyFactory,
+        body_sha256: str | None = None,
     ) -> str:
         response = await self.request(
             "UploadPart",
@@ -378,6 +397,50 @@ class S3Client:
             ListedUpload(_text(item, "Key"), _text(item, "UploadId"), _text(item, "Initiated"))
             for item in root.iter(f"{_NS}Upload")
         ]
+
+
+# Makes a fresh producer of a request's body, for each attempt.
+BodyFactory = Callable[[], IBodyProducer]
+
+
+class FileRange:
+    """
+    C{length} bytes of an open file from C{offset}, as a file object that
+    L{twisted.web.client.FileBodyProducer} reads a chunk at a time (with
+    C{pread}, so that the descriptor's position is nobody's business):
+    a part goes up without ever being in memory whole.
+    """
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self._fd = fd
+        self._start = offset
+        self._length = length
+        self._position = 0
+
+    def read(self, size: int = -1) -> bytes:
+        left = self._length - self._position
+        size = left if size < 0 else min(size, left)
+        if size <= 0:
+            return b""
+        data = os.pread(self._fd, size, self._start + self._position)
+        self._position += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self._length}[whence]
+        self._position = base + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def close(self) -> None:
+        pass
+
+
+def file_range_body(fd: int, offset: int, length: int) -> BodyFactory:
+    """A body factory for a range of a file, read 256 KiB at a time."""
+    return lambda: FileBodyProducer(FileRange(fd, offset, length), readSize=256 << 10)
 
 
 @implementer(IBodyProducer)
