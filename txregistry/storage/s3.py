@@ -86,6 +86,11 @@ TOUCH_INTERVAL = 3600.0
 GC_GRACE = 2 * TOUCH_INTERVAL
 
 
+def pin_key(prefix: str, kind: str, name: str) -> str:
+    """Where a pin is kept in the bucket: an empty object, which gc respects."""
+    return f"{prefix}pinned/{object_key('', kind, name)}"
+
+
 def access_key(prefix: str, kind: str, name: str) -> str:
     """Where the last use of an object is recorded: an empty object, by its LastModified."""
     return f"{prefix}access/{object_key('', kind, name)}"
@@ -410,6 +415,8 @@ class S3Storage:
 
     async def _put_manifest(self, digest: Digest, manifest: StoredManifest, pinned: bool) -> bool:
         stored: bool = await self.local.put_manifest(digest, manifest, pinned)
+        if pinned:
+            await self._mark_pinned(MANIFEST, str(digest), True)
         key = object_key(self.prefix, MANIFEST, str(digest))
         written = await self._done_in_bucket(
             lambda: self.client.put_object(key, manifest.body, content_type=manifest.media_type)
@@ -471,6 +478,8 @@ class S3Storage:
         present = await self._in_bucket(lambda: self.client.head_object(key))
         if present is not None:
             await self._done_in_bucket(lambda: self.client.delete_object(key))
+        if kind != TAG:
+            await self._mark_pinned(kind, name, False)
         return removed or present is not None
 
     def drop_corrupt(self, kind: str, name: str, problem: str) -> Deferred[bool]:
@@ -486,8 +495,20 @@ class S3Storage:
         return int(self.local.corrupt_removed)
 
     def pin(self, kind: str, name: str, pinned: bool) -> Deferred[bool]:
-        result: Deferred[bool] = self.local.pin(kind, name, pinned)
-        return result
+        """Pin locally, and in the bucket, so that its gc never deletes pushed content."""
+        return ensureDeferred(self._pin(kind, name, pinned))
+
+    async def _pin(self, kind: str, name: str, pinned: bool) -> bool:
+        changed: bool = await self.local.pin(kind, name, pinned)
+        await self._mark_pinned(kind, name, pinned)
+        return changed
+
+    async def _mark_pinned(self, kind: str, name: str, pinned: bool) -> None:
+        key = pin_key(self.prefix, kind, name)
+        if pinned:
+            await self._done_in_bucket(lambda: self.client.put_object(key, b""))
+        else:
+            await self._done_in_bucket(lambda: self.client.delete_object(key))
 
     def update_figures(self) -> Deferred[None]:
         result: Deferred[None] = self.local.update_figures()
@@ -615,9 +636,13 @@ class S3Storage:
         used: dict[str, float] = {}
         content: dict[str, tuple[int, float]] = {}
         access_prefix = f"{self.prefix}access/"
+        pinned_prefix = f"{self.prefix}pinned/"
+        pinned: set[str] = set()
         for item in listed:
             when = _parse_time(item.last_modified) or 0.0
-            if item.key.startswith(access_prefix):
+            if item.key.startswith(pinned_prefix):
+                pinned.add(self.prefix + item.key[len(pinned_prefix) :])
+            elif item.key.startswith(access_prefix):
                 target = self.prefix + item.key[len(access_prefix) :]
                 used[target] = max(used.get(target, 0.0), when)
             elif item.key.startswith((f"{self.prefix}blobs/", f"{self.prefix}manifests/")):
@@ -634,6 +659,8 @@ class S3Storage:
                 break
             if now - last_used < GC_GRACE:
                 break  # everything after it is younger still
+            if key in pinned:
+                continue  # pushed content is never evicted
             access = access_prefix + key[len(self.prefix) :]
             if not await self._done_in_bucket(lambda: self.client.delete_object(key)):  # noqa: B023
                 break
@@ -796,6 +823,7 @@ class _Upload:
 
     def __init__(self, storage: S3Storage, digest: Digest, fd: int) -> None:
         self._storage = storage
+        self.storage = storage
         self._client = storage.client
         self.digest = digest
         self.key = object_key(storage.prefix, BLOB, str(digest))
@@ -976,6 +1004,9 @@ class _TieredStaged:
         # The bucket's copy is completed in the background: the client's
         # response does not wait for the bucket.
         self.upload.commit(size)
+        if pinned:
+            storage = self.upload.storage
+            ensureDeferred(storage._mark_pinned(BLOB, str(digest), True))
         return stored
 
     def abort(self) -> None:

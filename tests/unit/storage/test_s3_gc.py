@@ -153,3 +153,24 @@ def test_a_node_touches_an_object_at_most_once_an_interval(tmp_path) -> None:
     clock.advance(1)
     a._touch("blob", digest)
     assert bucket.objects[marker][1] == clock.seconds()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pinned_content_is_never_deleted(tmp_path) -> None:
+    from txregistry.storage.s3 import pin_key
+
+    clock = Clock()
+    clock.advance(1_000_000)
+    bucket = FakeBucket(clock)
+    a = node(tmp_path, bucket, clock, "a", limit=50)
+    for n in range(3):
+        bucket.write(blob_key(n)[1], 100)
+        clock.advance(60)
+    # The oldest was pushed to a hosted registry (by this node or another).
+    await a._mark_pinned("blob", blob_key(0)[0], True)
+    assert pin_key("c/", "blob", blob_key(0)[0]) in bucket.objects
+    clock.advance(GC_GRACE)
+    assert await a.collect_garbage() == 2
+    assert blob_key(0)[1] in bucket.objects
+    await a._mark_pinned("blob", blob_key(0)[0], False)
+    assert await a.collect_garbage() == 1, "unpinned, it goes like the rest"
