@@ -15,7 +15,7 @@ import pytest_twisted
 from harness.swift import ACCESS_KEY, BUCKET, REGION, SECRET_KEY, botocore_client
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from txregistry.config import Secret
@@ -76,9 +76,7 @@ def nodes(tmp_path, swift, prefix):
 
 async def settle(storage: S3Storage) -> None:
     for upload in list(storage.uploads):
-        while not upload.finished:
-            # Polling a flag the upload sets; the test's timeout guards it.
-            await deferLater(reactor, 0.01, lambda: None)
+        await upload.done
 
 
 async def store(storage: IStorage, data: bytes, chunk: int = MiB) -> Digest:
@@ -215,8 +213,7 @@ async def test_an_aborted_fill_leaves_no_object_and_no_upload(nodes, swift, pref
     for offset in range(0, len(data), MiB):
         staged.append(data[offset : offset + MiB])
     upload = staged.upload  # type: ignore[attr-defined]
-    while upload.sent < 5 * MiB:
-        await deferLater(reactor, 0.01, lambda: None)  # a part is up: an upload exists
+    await upload.first_part  # a multipart upload exists in the bucket now
     staged.abort()
     staged.close()
     await settle(a.storage)

@@ -835,6 +835,10 @@ class _Upload:
         self.failed: Exception | None = None
         self.finished = False
         self._committing = False
+        # Fired once the upload has ended, either way, and when its first
+        # part is up (for tests, and for a stop that waits for uploads).
+        self.done: Deferred[None] = Deferred()
+        self.first_part: Deferred[None] = Deferred()
         # Set to skip the bucket: it is failing now, or the blob is already there.
         self._skip = not storage._bucket_usable()
         storage.uploads.add(self)
@@ -873,6 +877,8 @@ class _Upload:
             return
         self._etags.append(etag)
         self.sent += length
+        if not self.first_part.called:
+            self.first_part.callback(None)
 
     def _hash(self, offset: int, length: int) -> str:
         """The SHA-256 of a range of the file, read 1 MiB at a time; in the runner's thread."""
@@ -961,6 +967,8 @@ class _Upload:
     def _close(self) -> None:
         self.finished = True
         self._storage.uploads.discard(self)
+        if not self.done.called:
+            self.done.callback(None)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

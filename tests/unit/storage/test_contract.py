@@ -142,13 +142,8 @@ def read_all_now(storage: IStorage, digest: Digest) -> bytes | None:
 
 async def settle(storage: IStorage) -> None:
     """Wait for the uploads into the bucket that commits started in the background."""
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
     for upload in list(getattr(storage, "uploads", ())):
-        while not upload.finished:
-            # Polling a flag the upload sets; the test's own timeout guards it.
-            await deferLater(reactor, 0.01, lambda: None)
+        await upload.done
 
 
 async def store_blob(storage: IStorage, data: bytes, pinned: bool = False) -> Digest:
