@@ -35,6 +35,9 @@ setup(
         "cryptography>=42",
         # push_users_file: checking htpasswd -B (bcrypt) hashes.
         "bcrypt>=4.1",
+        # The S3 backend's SigV4 signing and endpoint rules only; treq does
+        # the I/O (see the README's fleet section for why).
+        "botocore>=1.34",
     ],
     entry_points={"console_scripts": ["txregistry = txregistry.cli.main:main"]},
     extras_require={

@@ -207,6 +207,16 @@ def _push(f: _Figures, sizes: Sizes) -> list[Line]:
     ]
 
 
+def _bucket(f: _Figures, sizes: Sizes) -> list[Line]:
+    s = f"10. Warm from the bucket (Swift), empty local tier, {sizes.blob // MiB} MiB blob"
+    direct, tx = f.m("bucket.direct_s"), f.m("bucket.txregistry_s")
+    return [
+        Line(s, "direct from Swift, presigned URL", direct, "s"),
+        Line(s, "txregistry, through its local tier, verified", tx, "s"),
+        Line(s, "txregistry / direct", tx / direct, "x"),
+    ]
+
+
 # Each scenario's figures, by the prefix of its samples' keys.
 _SCENARIOS = {
     "cold_single.": _cold_single,
@@ -218,6 +228,7 @@ _SCENARIOS = {
     "image.": _whole_image,
     "fleet.": _fleet,
     "push.": _push,
+    "bucket.": _bucket,
 }
 
 

@@ -1,5 +1,5 @@
 """
-The nine measurements, run against txregistry, the peer and the references.
+The ten measurements, run against txregistry, the peer and the references.
 
 Every timed measurement is repeated C{runs} times and every sample kept;
 the report takes medians.  Within a run the servers are measured one after the
@@ -21,6 +21,7 @@ from typing import TypeVar
 
 from harness.network import free_port
 from harness.skopeo import Skopeo
+from harness.swift import ACCESS_KEY, BUCKET, REGION, SECRET_KEY, Swift, botocore_client
 
 from bench.clients import (
     MANIFEST_ACCEPT,
@@ -32,7 +33,7 @@ from bench.clients import (
     skopeo_copy,
     wrk,
 )
-from bench.content import Blob, push_blob, push_image
+from bench.content import Blob, push_blob, push_image, random_chunks
 from bench.pushes import LayerFile, push_layer
 from bench.servers import Nginx, Registry, Server, TxRegistry
 
@@ -102,6 +103,8 @@ class Bench:
         # Scenario 8's servers, started only if it runs.
         self.fleet_nodes: list[TxRegistry] = []
         self.fleet_peers: list[Registry] = []
+        # Scenario 10's Swift, started only if it runs.
+        self.swift: Swift | None = None
 
     def start(self) -> None:
         self.upstream = self._started(Registry("upstream", self.directory / "upstream"))
@@ -122,8 +125,10 @@ class Bench:
     def stop(self) -> None:
         for server in reversed(self._servers):
             server.stop()
+        if self.swift is not None:
+            self.swift.stop()
 
-    def run(self, only: Collection[int] = range(1, 10)) -> Samples:
+    def run(self, only: Collection[int] = range(1, 11)) -> Samples:
         """Run the scenarios numbered in C{only}, in order; return the samples."""
         scenarios = [
             self.cold_single,
@@ -135,6 +140,7 @@ class Bench:
             self.whole_image,
             self.fleet,
             self.push,
+            self.from_bucket,
         ]
         for number, scenario in enumerate(scenarios, 1):
             if number in only:
@@ -371,3 +377,43 @@ class Bench:
                     self._record(f"push.{name}_s", seconds)
         finally:
             layer.path.unlink()
+
+    # 10. A blob another node stored in the bucket, on a node without it.
+
+    def from_bucket(self) -> None:
+        """
+        txregistry with C{backend = "s3"} on OpenStack Swift: each run a new
+        blob goes into the bucket as a fill stores it (under its digest), and
+        is fetched through a node whose local tier lacks it, against the
+        same object fetched straight from Swift with a presigned URL.
+        """
+        self.say(f"10. warm from the bucket, empty local tier, {self.sizes.blob // MiB} MiB")
+        from txregistry.storage.s3 import object_key
+
+        self.swift = Swift(self.directory / "swift").start()
+        s3 = botocore_client(self.swift.endpoint)
+        s3.create_bucket(Bucket=BUCKET)
+        node = self._started(
+            TxRegistry(
+                self.directory / "txregistry-s3",
+                self.upstream.url,
+                free_port(),
+                free_port(),
+                extra_config=(
+                    f'[storage]\nbackend = "s3"\n[storage.s3]\nendpoint = "{self.swift.endpoint}"\n'
+                    f'bucket = "{BUCKET}"\nprefix = "bench/"\nregion = "{REGION}"\n'
+                ),
+                extra_env={"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY},
+            )
+        )
+        for _ in range(self.sizes.runs):
+            data = b"".join(random_chunks(next(self._seeds), self.sizes.blob))
+            blob = Blob(f"sha256:{hashlib.sha256(data).hexdigest()}", len(data))
+            key = object_key("bench/", "blob", blob.digest)
+            s3.put_object(Bucket=BUCKET, Key=key, Body=data)
+            del data
+            presigned = s3.generate_presigned_url(
+                "get_object", Params={"Bucket": BUCKET, "Key": key}, ExpiresIn=600
+            )
+            self._record("bucket.direct_s", self._fetch(presigned, blob).seconds)
+            self._record("bucket.txregistry_s", self._fetch(node.url + blob.path(), blob).seconds)

@@ -176,8 +176,15 @@ class TxRegistry(Server):
         admin_port: int,
         name: str = "txregistry",
         peers: list[str] | None = None,
+        extra_config: str = "",
+        extra_env: dict[str, str] | None = None,
     ) -> None:
-        """C{peers}, with this node's own URL among them, makes it a fleet node."""
+        """
+        C{peers}, with this node's own URL among them, makes it a fleet node.
+
+        @param extra_config: TOML tables added to the config (C{[storage]}
+            for the bucket scenario), with C{extra_env} (its keys).
+        """
         directory.mkdir(parents=True, exist_ok=True)
         self.host = f"127.0.0.1:{port}"
         self.url = f"http://{self.host}"
@@ -208,9 +215,11 @@ class TxRegistry(Server):
             push = true
             """.replace("\n            ", "\n")
             + fleet
+            + extra_config
         )
         twistd = str(Path(sys.executable).parent / "twistd")
         env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "HOME": str(directory)}
+        env.update(extra_env or {})
         args = [twistd, "-n", "--pidfile=", "txregistry", "--config", str(config)]
         super().__init__(name, args, directory, env)
         self.wait_for("txregistry ready")

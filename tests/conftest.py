@@ -35,3 +35,16 @@ def logs():
     globalLogPublisher.addObserver(observe)
     yield captured
     globalLogPublisher.removeObserver(observe)
+
+
+@pytest.fixture(scope="session")
+def swift(tmp_path_factory):
+    """OpenStack Swift with s3api on loopback, holding the bucket L{BUCKET}."""
+    from harness.swift import BUCKET, Swift, botocore_client
+
+    server = Swift(tmp_path_factory.mktemp("swift")).start()
+    try:
+        botocore_client(server.endpoint).create_bucket(Bucket=BUCKET)
+        yield server
+    finally:
+        server.stop()

@@ -57,7 +57,7 @@ from txregistry.repository.pullthrough import PullThroughCache
 from txregistry.repository.push import IPushTarget
 from txregistry.repository.push_through import PushThroughRepository
 from txregistry.repository.uploads import Uploads
-from txregistry.storage.disk import DiskStorage
+from txregistry.storage.backends import make_storage
 from txregistry.storage.interface import IStorage
 from txregistry.storage.runner import in_thread_pool
 from txregistry.storage.scrub import Scrubber
@@ -161,9 +161,9 @@ class RegistryService(MultiService):
         self._reactor = reactor
         self.threadpool = ThreadPool(minthreads=1, maxthreads=4, name="txregistry-storage")
         run_blocking = in_thread_pool(reactor, self.threadpool)
-        self.storage: IStorage = DiskStorage(
-            config.cache.directory,
-            config.cache.size_limit,
+        self.storage: IStorage = make_storage(
+            config,
+            reactor,
             run_blocking,
             spools=threaded_spools(reactor),
         )
@@ -237,6 +237,12 @@ class RegistryService(MultiService):
         )
         self._figures = LoopingCall(self.storage.update_figures)
         self._figures.clock = clock
+        # The S3 backend's upkeep: multipart uploads a crash left behind, and
+        # the bucket's size limit.
+        bucket_upkeep = getattr(self.storage, "upkeep", None)
+        self._bucket_upkeep = LoopingCall(bucket_upkeep) if bucket_upkeep else None
+        if self._bucket_upkeep is not None:
+            self._bucket_upkeep.clock = clock
         self.ready = False
 
     def _listeners(self, key: str, descriptions: tuple[str, ...], factory: Site) -> list[Listener]:
@@ -301,6 +307,8 @@ class RegistryService(MultiService):
             self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
         self._figures.start(15, now=True)
         self.scrubber.start()
+        if self._bucket_upkeep is not None:
+            self._bucket_upkeep.start(3600, now=True)
         # Tag answers an earlier version kept are brought into the current
         # layout before we say we are ready, so that a restart onto this
         # version still serves them when the upstream is down.
@@ -365,6 +373,8 @@ class RegistryService(MultiService):
             self._figures.stop()
         self.scrubber.stop()
         self.exhaustion.stop()
+        if self._bucket_upkeep is not None and self._bucket_upkeep.running:
+            self._bucket_upkeep.stop()
         listeners_stopped = super().stopService()
         return Deferred.fromCoroutine(self._stop(listeners_stopped))
 

@@ -25,7 +25,7 @@ from harness.skopeo import Skopeo
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
-from txregistry.config import CacheConfig, Config, RegistryConfig, ServerConfig
+from txregistry.config import CacheConfig, Config, RegistryConfig, ServerConfig, StorageConfig
 from txregistry.service import RegistryService
 
 HARNESS = Path(__file__).parents[1]
@@ -269,11 +269,13 @@ def start_txregistry(tmp_path) -> Iterator:
         reactor: Any = reactor,
         resolver: Any = None,
         admin_listen: tuple[str, ...] = (),
+        storage: StorageConfig | None = None,
     ) -> Running:
         config = Config(
             server=ServerConfig(listen=("tcp:0:interface=127.0.0.1",), admin_listen=admin_listen),
             cache=CacheConfig(directory or tmp_path / f"cache{len(started)}", 1 << 30, tag_ttl),
             registries=registries,
+            storage=storage or StorageConfig(),
         )
         service = RegistryService(config, reactor, resolver)
         service.privilegedStartService()

@@ -296,4 +296,12 @@ async def doctor(
             exit_code = 1
         print("", file=out)
         print(render_peers(fleet.self_url, peers), file=out)
+    if config.storage.backend == "s3" and config.storage.s3 is not None:
+        from txregistry.cli.bucket_check import check_bucket
+
+        bucket = await check_bucket(reactor, config.storage.s3)
+        print("", file=out)
+        print(f"storage: {'ok' if bucket.ok else 'FAILED'}: {bucket.text}", file=out)
+        if not bucket.ok:
+            exit_code = 1
     return exit_code

@@ -27,6 +27,7 @@ from txregistry.config import (
     Config,
     ConfigError,
     MirrorConfig,
+    S3Config,
     default_config,
     load_config,
     parse_duration,
@@ -152,6 +153,9 @@ def cache_command(
                 " (wrong size or digest, found on reading, by the scrub or by verify)",
                 file=out,
             )
+            bucket = config.storage.s3
+            if config.storage.backend == "s3" and bucket is not None:
+                _print_bucket_stats(bucket, out)
         elif action == "verify":
             checked, removed = _now(upkeep.verify(storage))
             for key in removed:
@@ -177,6 +181,26 @@ def cache_command(
 
 def _duration(seconds: float) -> str:
     return f"{seconds / 3600:g}h" if seconds >= 3600 else f"{seconds:g}s"
+
+
+def _print_bucket_stats(bucket: S3Config, out: IO[str]) -> None:
+    """The shared tier, for C{cache stats} with C{backend = "s3"}."""
+    from txregistry.cli.bucket_check import run_bucket_stats
+
+    found = run_bucket_stats(bucket)
+    where = f"{bucket.bucket} at {bucket.endpoint}" + (
+        f" under {bucket.prefix}" if bucket.prefix else ""
+    )
+    print(f"bucket      {where}", file=out)
+    if isinstance(found, Exception):
+        print(f"            cannot be listed: {found}", file=out)
+        return
+    limit = f" of {_size(bucket.size_limit)}" if bucket.size_limit else ""
+    print(
+        f"            {_size(found.size)}{limit}: {found.blobs} blobs, {found.manifests} manifests,"
+        f" {found.tags} tags",
+        file=out,
+    )
 
 
 def _now(work: Coroutine[Any, Any, T]) -> T:

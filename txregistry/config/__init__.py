@@ -24,8 +24,10 @@ from txregistry.config.model import (
     ProxyServer,
     PushUsers,
     RegistryConfig,
+    S3Config,
     Secret,
     ServerConfig,
+    StorageConfig,
     UpstreamConfig,
 )
 from txregistry.config.parse import default_config, load_config, parse_config
@@ -52,8 +54,10 @@ __all__ = [
     "ProxyServer",
     "PushUsers",
     "RegistryConfig",
+    "S3Config",
     "Secret",
     "ServerConfig",
+    "StorageConfig",
     "UpstreamConfig",
     "builtin_registries",
     "default_cache_directory",

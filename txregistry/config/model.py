@@ -321,6 +321,40 @@ class RegistryConfig:
         return self.credentials if mirror.resolve_tags else None
 
 
+# Storage: where content lives (issue 11).
+
+STORAGE_BACKENDS = ("disk", "s3")
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """
+    The bucket the fleet shares.  The keys are L{Secret}s; C{*_source}
+    says where each came from (a file or a variable), for messages.
+    """
+
+    endpoint: str
+    bucket: str
+    region: str
+    access_key: Secret
+    secret_key: Secret
+    access_key_source: str = ""
+    secret_key_source: str = ""
+    prefix: str = ""
+    path_style: bool = True
+    ca_file: Path | None = None
+    # The most the bucket may hold under prefix; None: no limit of ours.
+    size_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """C{backend = "disk"}: the local cache only; C{"s3"}: a bucket behind it."""
+
+    backend: str = "disk"
+    s3: S3Config | None = None
+
+
 @dataclass(frozen=True)
 class FleetConfig:
     """
@@ -357,6 +391,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     source: str | None = None
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     @property
     def default_registry(self) -> RegistryConfig | None:

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from txregistry.config.defaults import builtin_registries, default_cache_directory
 from txregistry.config.model import (
     ADDRESS_FAMILIES,
     DOCKER_HUB_NAMES,
     LOG_FORMATS,
+    STORAGE_BACKENDS,
     CacheConfig,
     Config,
     ConfigError,
@@ -33,8 +36,10 @@ from txregistry.config.model import (
     ProxyConfig,
     PushUsers,
     RegistryConfig,
+    S3Config,
     Secret,
     ServerConfig,
+    StorageConfig,
     UpstreamConfig,
 )
 from txregistry.config.values import (
@@ -251,8 +256,8 @@ def _credentials(table: _Table, environ: Mapping[str, str]) -> Credentials | Non
     )
 
 
-def _read_password_file(table: _Table, path: Path) -> str:
-    where = table.where("password_file")
+def _read_password_file(table: _Table, path: Path, key: str = "password_file") -> str:
+    where = table.where(key)
     try:
         mode = path.stat().st_mode
         if mode & 0o044:
@@ -381,6 +386,92 @@ def _push_users(table: _Table, key: str) -> PushUsers | None:
     if not hashes:
         raise ConfigError(where, f"{str(path)!r} holds no users: add one with htpasswd -B")
     return PushUsers(path, tuple(hashes))
+
+
+# [storage] and [storage.s3] (issue 11).
+
+
+def _storage(table: _Table, environ: Mapping[str, str]) -> StorageConfig:
+    backend = table.get("backend", _string, StorageConfig.backend)
+    if backend not in STORAGE_BACKENDS:
+        raise ConfigError(
+            table.where("backend"), f"must be one of {', '.join(STORAGE_BACKENDS)}, not {backend!r}"
+        )
+    s3: S3Config | None = None
+    if backend == "s3":
+        s3 = _s3(table.table("s3"), environ)
+    elif "s3" in table:
+        table.table("s3")  # allowed, and unused, with the disk backend
+    table.finish()
+    return StorageConfig(backend, s3)
+
+
+def _s3(table: _Table, environ: Mapping[str, str]) -> S3Config:
+    endpoint = table.get("endpoint", _string, "")
+    if not endpoint:
+        raise ConfigError(table.where("endpoint"), 'is required with backend = "s3"')
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise ConfigError(
+            table.where("endpoint"), f"{endpoint!r} is not an http:// or https:// URL"
+        )
+    if parts.username or parts.password:
+        raise ConfigError(
+            table.where("endpoint"),
+            "must not hold credentials: give access_key_file and secret_key_file instead",
+        )
+    bucket = table.get("bucket", _string, "")
+    if not bucket:
+        raise ConfigError(table.where("bucket"), 'is required with backend = "s3"')
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+        raise ConfigError(
+            table.where("bucket"),
+            f"{bucket!r} is not an S3 bucket name (3 to 63 lower-case letters, digits, '.', '-')",
+        )
+    prefix = table.get("prefix", _string, "")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    region = table.get("region", _string, "us-east-1")
+    aws = (parts.hostname or "").endswith(".amazonaws.com")
+    path_style = table.get("path_style", _boolean, not aws)
+    ca_file = table.get("ca_file", lambda v: Path(_string(v)).expanduser(), None)
+    size_limit = table.get("size_limit", parse_size, None)
+    access_key, access_source = _s3_key(table, "access_key", "AWS_ACCESS_KEY_ID", environ)
+    secret_key, secret_source = _s3_key(table, "secret_key", "AWS_SECRET_ACCESS_KEY", environ)
+    table.finish()
+    return S3Config(
+        endpoint=endpoint.rstrip("/"),
+        bucket=bucket,
+        region=region,
+        access_key=access_key,
+        secret_key=secret_key,
+        access_key_source=access_source,
+        secret_key_source=secret_source,
+        prefix=prefix,
+        path_style=path_style,
+        ca_file=ca_file,
+        size_limit=size_limit,
+    )
+
+
+def _s3_key(
+    table: _Table, name: str, default_env: str, environ: Mapping[str, str]
+) -> tuple[Secret, str]:
+    """An S3 key from C{<name>_file} (private to its owner) or C{<name>_env}."""
+    path = table.get(f"{name}_file", lambda v: Path(_string(v)).expanduser(), None)
+    variable = table.get(f"{name}_env", _string, "")
+    if path is not None and variable:
+        raise ConfigError(table.where(f"{name}_env"), f"give {name}_file or {name}_env, not both")
+    if path is not None:
+        return Secret(_read_password_file(table, path, f"{name}_file")), str(path)
+    variable = variable or default_env
+    value = environ.get(variable, "")
+    if not value:
+        raise ConfigError(
+            table.where(f"{name}_env"),
+            f"${variable} is not set: set it, or give {name}_file",
+        )
+    return Secret(value), f"${variable}"
 
 
 def _check_registries(registries: list[RegistryConfig], where: str) -> None:
@@ -514,6 +605,8 @@ def parse_config(
     fleet = _fleet(fleet_table, upstream)
     fleet_table.finish()
 
+    storage = _storage(top.table("storage"), environ)
+
     top.finish()
     return Config(
         server=server,
@@ -522,6 +615,7 @@ def parse_config(
         log=log,
         fleet=fleet,
         source=source,
+        storage=storage,
     )
 
 

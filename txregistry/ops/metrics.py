@@ -162,6 +162,24 @@ class _StateCollector(Collector):
                 "Passes of the background scrub over the whole cache completed",
                 value=self._scrubber.passes,
             )
+        # The S3 backend's bucket (issue 11).
+        bucket_hits = getattr(self._storage, "bucket_hits", None)
+        if bucket_hits is not None:
+            yield CounterMetricFamily(
+                "txregistry_bucket_hits",
+                "Blobs and manifests served from the bucket that the local tier did not hold",
+                value=bucket_hits,
+            )
+            yield CounterMetricFamily(
+                "txregistry_bucket_writes",
+                "Objects written to the bucket",
+                value=getattr(self._storage, "bucket_writes", 0),
+            )
+            yield CounterMetricFamily(
+                "txregistry_bucket_failures",
+                "Bucket requests that failed after their retries",
+                value=getattr(self._storage, "bucket_failures", 0),
+            )
 
 
 class _FilesCollector(Collector):

@@ -96,6 +96,10 @@ class LocalFile:
     def read(self, offset: int, length: int) -> bytes:
         return os.pread(self._file.fileno(), length, offset)
 
+    def fileno(self) -> int:
+        """The open file (the S3 tier uploads a local blob the bucket lacks from it)."""
+        return self._file.fileno()
+
     def available(self) -> int:
         return self._size
 

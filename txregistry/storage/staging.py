@@ -311,6 +311,15 @@ class StagedFile:
         assert self._fd is not None, "a staged file was read after it was closed"
         return os.pread(self._fd, min(length, self.written - offset), offset)
 
+    def duplicate_fd(self) -> int:
+        """
+        A file descriptor of the staged file's own, for a reader that outlives
+        L{close} (the S3 tier uploads from it after the fill is done); its
+        caller closes it.
+        """
+        assert self._fd is not None, "a staged file was duplicated after it was closed"
+        return os.dup(self._fd)
+
     def seal(self) -> Deferred[str]:
         def sealed(hex_digest: str) -> str:
             self._sealed = hex_digest

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from test_contract import read_all, result, store_blob
+from test_contract import fired as result
+from test_contract import read_all_now as read_all
+from test_contract import store_blob_now as store_blob
 from twisted.internet.defer import Deferred
 
 from txregistry.oci.reference import Digest

@@ -11,7 +11,9 @@ import random
 from pathlib import Path
 
 import pytest
-from test_contract import read_all, result, store_blob
+from test_contract import fired as result
+from test_contract import read_all_now as read_all
+from test_contract import store_blob_now as store_blob
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
