@@ -160,6 +160,13 @@ class IStagedBlob(Interface):
     def read(offset: int, length: int) -> bytes:
         """Up to C{length} written bytes from C{offset}, below L{written}."""
 
+    def ahead() -> Any:
+        """
+        An C{AheadFile} (L{txregistry.storage.staging}): C{write_at} and
+        C{read_at} any offset of this blob's file, off the reactor thread,
+        for the segments of a download that arrive before their turn.
+        """
+
     def seal() -> Deferred[str]:
         """Finish writing: fires with the hex digest of everything appended."""
 

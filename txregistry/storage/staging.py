@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from txregistry.oci.reference import Digest
 from txregistry.storage.interface import IStagedBlob
+from txregistry.storage.runner import BlockingRunner, run_inline
 
 
 class Hasher(Protocol):
@@ -269,6 +270,67 @@ def threaded_spools(reactor: IReactorThreads) -> SpoolFactory:
     return spool
 
 
+class AheadFile:
+    """
+    Writes and reads at any offset of a staged file, through the storage
+    runner: the bytes of a segmented download that arrive ahead of the
+    in-order front (L{txregistry.repository.segments}).  They go where
+    they belong in the file, and are read back when the front reaches them,
+    to be appended (written again, the same bytes in the same place) and
+    hashed in order.  It owns a duplicate of the file descriptor, closed
+    once it is closed and nothing it started is still running.
+    """
+
+    def __init__(self, fd: int, run_blocking: BlockingRunner) -> None:
+        self._fd = os.dup(fd)
+        self._run = run_blocking
+        self._running = 0
+        self._closing = False
+
+    def write_at(self, offset: int, chunks: list[bytes]) -> Deferred[None]:
+        """Write C{chunks}, one after the other, from C{offset}: one C{pwritev} when it can."""
+        return self._call(_pwrite_all, self._fd, chunks, offset)
+
+    def read_at(self, offset: int, length: int) -> Deferred[bytes]:
+        return self._call(os.pread, self._fd, length, offset)
+
+    def close(self) -> None:
+        self._closing = True
+        self._close_if_idle()
+
+    def _call(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        assert not self._closing, "a closed AheadFile was used"
+        self._running += 1
+
+        def done(result: object) -> object:
+            self._running -= 1
+            self._close_if_idle()
+            return result
+
+        return self._run(f, *args).addBoth(done)
+
+    def _close_if_idle(self) -> None:
+        if self._closing and not self._running and self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _pwrite_all(fd: int, chunks: list[bytes], offset: int) -> None:
+    """Write all of C{chunks} from C{offset}, in as few system calls as the kernel allows."""
+    views = [memoryview(c) for c in chunks if c]
+    while views:
+        written = os.pwritev(fd, views[:_IOV_MAX], offset)
+        offset += written
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if written:
+            views[0] = views[0][written:]
+
+
+_IOV_MAX = 1024
+
+
 @implementer(IStagedBlob)
 class StagedFile:
     """
@@ -286,8 +348,10 @@ class StagedFile:
         hasher: Hasher,
         spools: SpoolFactory,
         commit: Callable[[StagedFile, Digest, int, bool], Deferred[bool]],
+        run_blocking: BlockingRunner = run_inline,
     ) -> None:
         self.path = path
+        self._run = run_blocking
         self._fd: int | None = fd
         self._spool = spools(fd, hasher)
         self._commit = commit
@@ -310,6 +374,10 @@ class StagedFile:
     def read(self, offset: int, length: int) -> bytes:
         assert self._fd is not None, "a staged file was read after it was closed"
         return os.pread(self._fd, min(length, self.written - offset), offset)
+
+    def ahead(self) -> AheadFile:
+        assert self._fd is not None, "a staged file was written after it was closed"
+        return AheadFile(self._fd, self._run)
 
     def seal(self) -> Deferred[str]:
         def sealed(hex_digest: str) -> str:
