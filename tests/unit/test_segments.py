@@ -10,10 +10,19 @@ import os
 
 import pytest
 from harness.memory import FakeRegistry, MemoryRegistry
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
 
 from txregistry.config import MirrorConfig, RegistryConfig, UpstreamConfig
 from txregistry.oci.reference import Digest
+from txregistry.repository import segments as segments_module
+from txregistry.repository.fill import BlobFill, FillPolicy
 from txregistry.repository.segments import ALIGN, plan
+from txregistry.storage.disk import DiskStorage
+from txregistry.storage.runner import run_inline
 
 MiB = 1 << 20
 # Three segments: [0, 1 MiB), [1 MiB, 2 MiB), [2 MiB, end).
@@ -294,3 +303,89 @@ def test_small_blobs_are_not_segmented(tmp_path):
     held[0].finish()
     registry.pump()
     assert client.response().body == BLOB and cached(registry, digest)
+
+
+class _Body:
+    """An upstream response whose body the test feeds by hand, over a StringTransport."""
+
+    def __init__(self, code, size, content_range=None):
+        self.mirror = "https://mirror.test"
+        self.code = code
+        self.content_length = size
+        self._range = content_range
+        self.response = self
+        self.transport = StringTransport()
+        self.protocol = None
+
+    def header(self, name):
+        return self._range if name == "Content-Range" else None
+
+    def deliverBody(self, protocol):
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+    def feed(self, data, between=lambda: None, step=256 * 1024):
+        for i in range(0, len(data), step):
+            assert self.transport.producerState != "paused", "fed while paused"
+            self.protocol.dataReceived(data[i : i + step])
+            between()
+
+
+class _Runner:
+    """A storage runner that runs each call only when the test says."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, f, *args):
+        d = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def run_all(self):
+        while self.calls:
+            f, args, d = self.calls.pop(0)
+            d.callback(f(*args))
+
+
+def test_a_segment_ahead_pauses_while_its_writes_wait_and_memory_stays_bounded(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(segments_module, "AHEAD_BUFFER", 512 * 1024)
+    storage = DiskStorage(tmp_path / "cache", 1 << 30, run_inline)
+    storage.start()
+    digest = Digest.of(BLOB)
+    staged = storage.stage_blob(digest)
+    runner = _Runner()
+    staged._run = runner
+    bodies = {}
+
+    def fetch(start, end, first):
+        body = _Body(206, end - start, f"bytes {start}-{end - 1}/{len(BLOB)}")
+        bodies[start] = body
+        return succeed(body)
+
+    policy = FillPolicy(segments=3, segments_above=MiB)
+    fill = BlobFill(digest, len(BLOB), staged, "https://mirror.test", Clock(), policy,
+                    fetch_range=fetch, mirrors=lambda: ["https://mirror.test"])  # fmt: skip
+    front = _Body(200, len(BLOB))
+    fill.start(front)
+    third = bodies[2 * MiB]
+    # One write in flight, then the buffer fills and the connection pauses.
+    third.feed(BLOB[2 * MiB : 2 * MiB + 768 * 1024])
+    assert third.transport.producerState == "paused"
+    assert fill._segments.segments[1]._pending_size <= 512 * 1024
+    runner.run_all()
+    assert third.transport.producerState == "producing"
+    third.feed(BLOB[2 * MiB + 768 * 1024 :], runner.run_all)
+    bodies[MiB].feed(BLOB[MiB : 2 * MiB], runner.run_all)
+    third.protocol.connectionLost(Failure(ResponseDone()))
+    bodies[MiB].protocol.connectionLost(Failure(ResponseDone()))
+    front.feed(BLOB[:MiB])
+    # The front's connection is cut, and what is ahead is read back in order.
+    assert front.transport.producerState == "stopped"
+    while runner.calls:
+        runner.run_all()
+    assert fill.verified.called and fill.verified.result == len(BLOB)
+    assert fill.received == len(BLOB)
+    fill.release()

@@ -291,8 +291,11 @@ class BlobFill:
             # A resumed download, while the fill waits for its disk or clients.
             download.hold(True)
 
-    def write(self, data: bytes) -> None:
-        """The next bytes, in order, from whatever is the download's front."""
+    def write(self, data: bytes, on_disk: bool = False) -> None:
+        """
+        The next bytes, in order, from whatever is the download's front;
+        C{on_disk} when a segment wrote them into the file already.
+        """
         if not self.active:
             return
         segments = self._segments
@@ -302,7 +305,7 @@ class BlobFill:
                 break
             head = data[: following.start - self.received]
             data = data[len(head) :]
-            self._take(head)
+            self._take(head, on_disk)
             if self._has_ended():
                 return  # a client's going may have abandoned it
             if following.ready:
@@ -315,7 +318,7 @@ class BlobFill:
                 return
             # The front carries on through the span of a segment that has failed.
             following.stop()
-        self._take(data)
+        self._take(data, on_disk)
 
     def _front_ended(self) -> None:
         """The front has handed all it had: finish, or resume from here."""
@@ -331,8 +334,8 @@ class BlobFill:
             return
         Deferred.fromCoroutine(self._resume_from(self.received)).addErrback(self.interrupted)
 
-    def _take(self, data: bytes) -> None:
-        self._staged.append(data)
+    def _take(self, data: bytes, on_disk: bool = False) -> None:
+        self._staged.append(data, on_disk)
         self._tail.append(data)
         self.received += len(data)
         if self._on_data is not None:

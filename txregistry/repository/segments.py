@@ -170,9 +170,13 @@ class Segment:
 
     @property
     def ready(self) -> bool:
-        """Whether it can take over: it has, or is getting, bytes of its own."""
+        """
+        Whether it can take over: it has, or is getting, bytes of its own.
+        One that failed with bytes in the file takes over too: the front
+        must not write where a write of the segment may still land.
+        """
         return self.state in ("receiving", "complete") or (
-            self.state == "requesting" and self.resumes > 0
+            self.state in ("requesting", "failed") and self.received > 0
         )
 
     # Asking the upstream.
@@ -241,8 +245,8 @@ class Segment:
             return
         self._pending.append(data)
         self._pending_size += len(data)
-        self._update_hold()
         self._flush()
+        self._update_hold()
 
     def finish(self) -> None:
         self._download = None
@@ -315,8 +319,8 @@ class Segment:
         if self.state == "stopped":
             return
         self.flushed += size
-        self._update_hold()
         self._flush()
+        self._update_hold()
         self._catch_up()
 
     def _write_failed(self, reason: Failure) -> None:
@@ -392,12 +396,10 @@ class Segment:
             self.live = True
             self._update_hold()
             return
+        # Complete, or failed: the fill goes on to the next segment, or
+        # resumes from the byte it has.
         self.front = False
-        if self.state == "complete":
-            self.fill._front_ended()
-        else:
-            # Failed: the fill resumes from the byte it has, as for a cut download.
-            self.fill.interrupted(self._failure or Failure(ValueError("segment lost")))
+        self.fill._front_ended()
 
     def _read_back(self, data: bytes) -> None:
         self._reading = False
@@ -408,13 +410,13 @@ class Segment:
             self._read_failed(Failure(EOFError(f"the download file ended at byte {where}")))
             return
         self.handed += len(data)
-        self._hand(data)
+        self._hand(data, on_disk=True)
         self._catch_up()
 
-    def _hand(self, data: bytes) -> None:
+    def _hand(self, data: bytes, on_disk: bool = False) -> None:
         self._handing = True
         try:
-            self.fill.write(data)
+            self.fill.write(data, on_disk)
         finally:
             self._handing = False
 

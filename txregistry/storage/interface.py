@@ -148,8 +148,12 @@ class IStagedBlob(Interface):
     )
     failure = Attribute("Why writing stopped (an OSError), if it did; hashing goes on.")
 
-    def append(data: bytes) -> None:
-        """Write and hash C{data} after everything appended before it."""
+    def append(data: bytes, on_disk: bool = False) -> None:
+        """
+        Write and hash C{data} after everything appended before it; only
+        hash it if it is C{on_disk} already, written in place by an
+        C{ahead} file.
+        """
 
     def wake_on_progress(seen: int, callback: Callable[[], None]) -> None:
         """

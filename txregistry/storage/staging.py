@@ -26,6 +26,7 @@ import errno
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from queue import SimpleQueue
 from typing import Any, Protocol
 
@@ -57,8 +58,11 @@ class Spool(Protocol):
     def failure(self) -> OSError | None:
         """Why writing stopped, if it did."""
 
-    def append(self, data: bytes) -> None:
-        """Write and hash C{data} after everything appended before it."""
+    def append(self, data: bytes, on_disk: bool = False) -> None:
+        """
+        Write and hash C{data} after everything appended before it; only
+        hash it if it is C{on_disk} already (a segment wrote it ahead).
+        """
 
     def wake_on_progress(self, seen: int, callback: Callable[[], None]) -> None:
         """
@@ -97,10 +101,14 @@ class InlineSpool:
         self.written = 0
         self.failure: OSError | None = None
 
-    def append(self, data: bytes) -> None:
+    def append(self, data: bytes, on_disk: bool = False) -> None:
         if self._fd is not None and self.failure is None:
-            written, self.failure = _write_all(self._fd, data)
-            self.written += written
+            if on_disk:
+                os.lseek(self._fd, len(data), os.SEEK_CUR)
+                self.written += len(data)
+            else:
+                written, self.failure = _write_all(self._fd, data)
+                self.written += written
         self._hasher.update(data)
 
     def wake_on_progress(self, seen: int, callback: Callable[[], None]) -> None:
@@ -122,6 +130,13 @@ class InlineSpool:
 
 
 _CLOSE = object()
+
+
+@dataclass(frozen=True)
+class _OnDisk:
+    """Bytes a segment already wrote in place: the writer only moves past them."""
+
+    size: int
 
 
 class ThreadSpool:
@@ -163,8 +178,8 @@ class ThreadSpool:
         for thread in self._threads:
             thread.start()
 
-    def append(self, data: bytes) -> None:
-        self._to_write.put(data)
+    def append(self, data: bytes, on_disk: bool = False) -> None:
+        self._to_write.put(_OnDisk(len(data)) if on_disk else data)
         self._to_hash.put(data)
 
     def wake_on_progress(self, seen: int, callback: Callable[[], None]) -> None:
@@ -195,7 +210,10 @@ class ThreadSpool:
             item = self._to_write.get()
             if self._abandoned or item is _CLOSE:
                 break
-            if self.failure is None:
+            if self.failure is None and isinstance(item, _OnDisk):
+                os.lseek(self._fd, item.size, os.SEEK_CUR)
+                self._progress(on_disk=item.size)
+            elif self.failure is None:
                 try:
                     written, failure = _write_all(self._fd, item)
                 except BaseException as e:
@@ -276,9 +294,9 @@ class AheadFile:
     runner: the bytes of a segmented download that arrive ahead of the
     in-order front (L{txregistry.repository.segments}).  They go where
     they belong in the file, and are read back when the front reaches them,
-    to be appended (written again, the same bytes in the same place) and
-    hashed in order.  It owns a duplicate of the file descriptor, closed
-    once it is closed and nothing it started is still running.
+    to be appended C{on_disk}: hashed in order, and not written again.  It
+    owns a duplicate of the file descriptor, closed once it is closed and
+    nothing it started is still running.
     """
 
     def __init__(self, fd: int, run_blocking: BlockingRunner) -> None:
@@ -365,8 +383,11 @@ class StagedFile:
     def failure(self) -> OSError | None:
         return self._spool.failure
 
-    def append(self, data: bytes) -> None:
-        self._spool.append(data)
+    def append(self, data: bytes, on_disk: bool = False) -> None:
+        if on_disk:
+            self._spool.append(data, on_disk=True)
+        else:
+            self._spool.append(data)
 
     def wake_on_progress(self, seen: int, callback: Callable[[], None]) -> None:
         self._spool.wake_on_progress(seen, callback)
