@@ -1,7 +1,7 @@
 """
 python -m bench [--quick] [--output FILE] [--json FILE] [--keep DIR]
 
-Runs the nine measurements against txregistry, the peer (a distribution
+Runs the ten measurements against txregistry, the peer (a distribution
 registry in proxy mode) and the references (the upstream directly, nginx),
 all on loopback, and prints the table.  bench/run installs what this needs
 and runs it.
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         type=lambda text: {int(n) for n in text.split(",")},
-        default=set(range(1, 10)),
+        default=set(range(1, 11)),
         help="run only these scenarios, by number: --only 1,3",
     )
     parser.add_argument("--keep", type=Path, help="work in this directory and keep the logs")

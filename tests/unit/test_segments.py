@@ -5,6 +5,7 @@ verified before the last; a mirror that ignores Range gets one stream; a
 cut segment is resumed.
 """
 
+import errno
 import itertools
 import os
 
@@ -21,6 +22,7 @@ from txregistry.oci.reference import Digest
 from txregistry.repository import segments as segments_module
 from txregistry.repository.fill import BlobFill, FillPolicy
 from txregistry.repository.segments import ALIGN, plan
+from txregistry.storage import staging
 from txregistry.storage.disk import DiskStorage
 from txregistry.storage.runner import run_inline
 
@@ -389,3 +391,24 @@ def test_a_segment_ahead_pauses_while_its_writes_wait_and_memory_stays_bounded(
     assert fill.verified.called and fill.verified.result == len(BLOB)
     assert fill.received == len(BLOB)
     fill.release()
+
+
+def test_segments_that_cannot_write_ahead_leave_the_blob_to_the_front(tmp_path, monkeypatch):
+    def disk_full(fd, chunks, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(staging, "_pwrite_all", disk_full)
+    registry = registry_with(tmp_path)
+    client, held, digest = start(registry)
+    registry.pump()
+    held[:] = in_order(held)
+    held[1].write(BLOB[MiB : MiB + 1000])
+    held[2].write(BLOB[2 * MiB : 2 * MiB + 1000])
+    registry.pump()
+    # Their connections are cut; the front carries on through their spans.
+    assert held[1]._disconnected and held[2]._disconnected
+    held[0].write(BLOB)
+    held[0].finish()
+    registry.pump()
+    assert not held[0]._disconnected and len(held) == 3
+    assert client.response().body == BLOB and cached(registry, digest)

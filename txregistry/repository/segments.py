@@ -172,11 +172,14 @@ class Segment:
     def ready(self) -> bool:
         """
         Whether it can take over: it has, or is getting, bytes of its own.
-        One that failed with bytes in the file takes over too: the front
-        must not write where a write of the segment may still land.
+        One that failed with bytes in the file, or a write of them still
+        running, takes over too: the front must not write where a write of
+        the segment may still land.
         """
+        if self.state == "failed":
+            return self._flushing or self.handed < self.flushed
         return self.state in ("receiving", "complete") or (
-            self.state in ("requesting", "failed") and self.received > 0
+            self.state == "requesting" and self.received > 0
         )
 
     # Asking the upstream.
@@ -328,6 +331,8 @@ class Segment:
         if self._download is not None:
             self._download.stop()
         self._fail(reason)
+        # Already failed (its connection was cut), it may be the front, waiting.
+        self._catch_up()
 
     def _update_hold(self) -> None:
         if self._download is not None:
