@@ -101,9 +101,17 @@ def floors(blob_file: Path, scratch: Path) -> tuple[float, float]:
 class Bench:
     """The servers, started on loopback, and the samples measured against them."""
 
-    def __init__(self, directory: Path, sizes: Sizes, say: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        sizes: Sizes,
+        say: Callable[[str], None],
+        configure_segments: bool = False,
+    ) -> None:
+        """C{configure_segments}: give txregistry C{sizes.segments}, not its default."""
         self.directory = directory
         self.sizes = sizes
+        self._segment_keys = self._segments_config() if configure_segments else ""
         self.say = say
         self.samples: Samples = defaultdict(list)
         self._seeds = itertools.count(1)
@@ -122,11 +130,21 @@ class Bench:
             Registry("peer", self.directory / "peer", proxy_for=self.upstream.url)
         )
         self.txregistry = self._started(
-            TxRegistry(self.directory / "txregistry", self.upstream.url, free_port(), free_port())
+            TxRegistry(
+                self.directory / "txregistry",
+                self.upstream.url,
+                free_port(),
+                free_port(),
+                registry_keys=self._segment_keys,
+            )
         )
         self.nginx = self._started(
             Nginx(self.directory / "nginx", self.upstream.storage, (free_port(), free_port()))
         )
+
+    def _segments_config(self) -> str:
+        sizes = self.sizes
+        return f"segments = {sizes.segments}\nsegments_above = {sizes.segments_above}"
 
     def _started(self, server: S) -> S:
         self._servers.append(server)
@@ -432,9 +450,7 @@ class Bench:
                 free_port(),
                 free_port(),
                 name="txregistry-throttled",
-                registry_keys=(
-                    f"segments = {sizes.segments}\nsegments_above = {sizes.segments_above}"
-                ),
+                registry_keys=self._segments_config(),
             )
         )
         for _ in range(sizes.throttled_runs):
