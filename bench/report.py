@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.scenarios import MiB, Samples, Sizes
+from txregistry.repository.segments import SEGMENT_AFTER
 
 BEGIN = "<!-- bench:begin (written by bench/run; edits in here are overwritten) -->"
 END = "<!-- bench:end -->"
@@ -125,7 +126,7 @@ def _throttled(f: _Figures, sizes: Sizes) -> list[Line]:
     bound = sizes.throttled_blob / (segments * rate)
     return [
         Line(s, "direct from the upstream (one connection)", direct, "s"),
-        Line(s, f"txregistry ({segments} segments)", tx, "s"),
+        Line(s, f"txregistry (up to {segments} segments, from {SEGMENT_AFTER:g} s on)", tx, "s"),
         Line(s, "bound: size / (segments x per-connection rate)", bound, "s"),
         Line(s, "direct / txregistry", direct / tx, "x", Target(False, 2.0)),
         Line(s, "txregistry / bound", tx / bound, "x", Target(True, 1.3)),

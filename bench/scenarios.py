@@ -70,7 +70,7 @@ FULL = Sizes(
 )  # fmt: skip
 QUICK = Sizes(
     runs=2, blob=4 * MiB, memory_blob=16 * MiB, image_layers=2, layer_size=1 * MiB,
-    wrk_seconds=1, throttled_blob=4 * MiB, throttle_rate=16 * MiB, throttled_runs=2,
+    wrk_seconds=1, throttled_blob=4 * MiB, throttle_rate=2 * MiB, throttled_runs=2,
     segments_above=1 * MiB,
 )  # fmt: skip
 

@@ -21,7 +21,7 @@ from txregistry.config import MirrorConfig, RegistryConfig, UpstreamConfig
 from txregistry.oci.reference import Digest
 from txregistry.repository import segments as segments_module
 from txregistry.repository.fill import BlobFill, FillPolicy
-from txregistry.repository.segments import ALIGN, plan
+from txregistry.repository.segments import ALIGN, SEGMENT_AFTER, plan, worth_segmenting
 from txregistry.storage import staging
 from txregistry.storage.disk import DiskStorage
 from txregistry.storage.runner import run_inline
@@ -49,6 +49,39 @@ def test_plan_covers_the_blob_in_aligned_spans(size, segments):
     assert all(start % ALIGN == 0 and start < end for start, end in spans)
 
 
+@pytest.mark.parametrize("front", [1, MiB // 2, 40 * MiB + 5])
+def test_a_plan_made_late_shares_what_the_front_does_not_have(front):
+    spans = plan(100 * MiB, 4, MiB, front)
+    assert spans[0] == (0, spans[1][0]) and spans[0][1] > front
+    assert len(spans) == 4 and spans[-1][1] == 100 * MiB
+    assert all(start % ALIGN == 0 for start, _ in spans)
+
+
+def test_a_fast_download_is_not_worth_segmenting():
+    # Half of it in half a second: done in another half.
+    assert not worth_segmenting(100, 50, 0.5)
+    # A tenth of it: another 4.5 s at that rate.
+    assert worth_segmenting(100, 10, 0.5)
+    assert not worth_segmenting(100, 100, 0.5)
+
+
+def test_a_download_that_is_fast_enough_stays_one_stream(tmp_path):
+    registry = registry_with(tmp_path)
+    digest = registry.upstream.add_blob(BLOB)
+    held = registry.upstream.hold_blob(digest)
+    client = registry.client()
+    client.send("GET", f"/v2/alpine/blobs/{digest}")
+    held[0].write(BLOB[: 2 * MiB])
+    registry.pump()
+    registry.clock.advance(SEGMENT_AFTER)
+    registry.pump()
+    assert ranges(held) == [None]
+    held[0].write(BLOB[2 * MiB :])
+    held[0].finish()
+    registry.pump()
+    assert client.response().body == BLOB and cached(registry, digest)
+
+
 def registry_with(tmp_path, mirrors=("https://registry-1.docker.io",), hosts=None, **upstream):
     upstream.setdefault("segments", 3)
     upstream.setdefault("segments_above", MiB)
@@ -67,6 +100,8 @@ def start(registry, upstream=None):
     held = upstream.hold_blob(digest)
     client = registry.client()
     client.send("GET", f"/v2/alpine/blobs/{digest}")
+    # Nothing has arrived by then: slow enough to be worth segmenting.
+    registry.clock.advance(SEGMENT_AFTER)
     return client, held, digest
 
 
@@ -283,6 +318,7 @@ def test_segments_are_spread_over_mirrors_digest_only_ones_too(tmp_path):
     held_a, held_b = a.hold_blob(digest), b.hold_blob(digest)
     client = registry.client()
     client.send("GET", f"/v2/alpine/blobs/{digest}")
+    registry.clock.advance(SEGMENT_AFTER)
     registry.pump()
     assert ranges(held_a) == [None, THIRD] and ranges(held_b) == [SECOND]
     for request, (begin, end) in zip(
@@ -371,7 +407,9 @@ def test_a_segment_ahead_pauses_while_its_writes_wait_and_memory_stays_bounded(
     fill = BlobFill(digest, len(BLOB), staged, "https://mirror.test", Clock(), policy,
                     fetch_range=fetch, mirrors=lambda: ["https://mirror.test"])  # fmt: skip
     front = _Body(200, len(BLOB))
+    clock = fill.clock
     fill.start(front)
+    clock.advance(SEGMENT_AFTER)
     third = bodies[2 * MiB]
     # One write in flight, then the buffer fills and the connection pauses.
     third.feed(BLOB[2 * MiB : 2 * MiB + 768 * 1024])

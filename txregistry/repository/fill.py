@@ -48,7 +48,13 @@ from twisted.web.http import PotentialDataLoss
 
 from txregistry.oci.reference import Digest
 from txregistry.oci.verify import BlobCheckFailed, check_blob
-from txregistry.repository.segments import FetchRange, Segments, plan
+from txregistry.repository.segments import (
+    SEGMENT_AFTER,
+    FetchRange,
+    Segments,
+    plan,
+    worth_segmenting,
+)
 from txregistry.storage.interface import IStagedBlob, Reader
 from txregistry.upstream.bodies import describe_failure
 from txregistry.upstream.client import UpstreamResponse
@@ -202,22 +208,37 @@ class BlobFill:
         self._fetch_range = fetch_range
         self._mirrors = mirrors
         self._segments: Segments | None = None
+        self._segment_timer: IDelayedCall | None = None
 
     def start(self, response: UpstreamResponse) -> None:
-        """Download from C{response}'s body, and the segments after its first, if any."""
+        """
+        Download from C{response}'s body; if it is large, and still slow
+        after L{SEGMENT_AFTER}, fetch the rest in segments too.
+        """
         policy = self.policy
         spans = plan(self.expected_size, policy.segments, policy.segments_above)
-        if len(spans) > 1 and response.code == 200 and self._fetch_range is not None:
-            self._segments = Segments(self, spans, self._fetch_range, self._mirrors())
         response.response.deliverBody(FillFromResponse(self))
-        if self._segments is not None and self.active:
-            self.log.info(
-                "fetching {digest} in {count} segments of {size} bytes",
-                digest=str(self.digest),
-                count=len(spans),
-                size=spans[0][1],
-            )
-            self._segments.start()
+        if len(spans) > 1 and response.code == 200 and self._fetch_range is not None:
+            self._segment_timer = self.clock.callLater(SEGMENT_AFTER, self._segment)
+
+    def _segment(self) -> None:
+        self._segment_timer = None
+        size, policy, fetch = self.expected_size, self.policy, self._fetch_range
+        if not self.active or size is None or fetch is None:
+            return
+        if not worth_segmenting(size, self.received, SEGMENT_AFTER):
+            return
+        spans = plan(size, policy.segments, policy.segments_above, self.received)
+        if len(spans) < 2:
+            return
+        self.log.info(
+            "fetching {digest} in {count} segments: {rate} bytes a second on one connection",
+            digest=str(self.digest),
+            count=len(spans),
+            rate=int(self.received / SEGMENT_AFTER),
+        )
+        self._segments = Segments(self, spans, fetch, self._mirrors())
+        self._segments.start()
 
     @property
     def segmented(self) -> bool:
@@ -403,6 +424,9 @@ class BlobFill:
         self._staged.seal().addCallbacks(self._spooled, self.fail)
 
     def _stop_segments(self) -> None:
+        timer, self._segment_timer = self._segment_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         if self._segments is not None:
             self._segments.stop()
 

@@ -58,18 +58,34 @@ _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 FetchRange = Callable[[int, int, str | None], Awaitable[UpstreamResponse]]
 
 
-def plan(size: int | None, segments: int, above: int) -> list[tuple[int, int]]:
+# A download is segmented only if it is still running this many seconds
+# after it started, and at the rate it has had would need more than
+# WORTH_IT seconds more: a fast upstream (or a loopback one) is left to one
+# connection, which costs the machine less.
+SEGMENT_AFTER = 0.5
+WORTH_IT = 1.0
+
+
+def plan(size: int | None, segments: int, above: int, front: int = 0) -> list[tuple[int, int]]:
     """
-    The spans C{(start, end)} to fetch a blob of C{size} bytes in: one for a
-    blob of unknown size or of at most C{above} bytes, else C{segments} of
-    about the same size, each starting on a MiB boundary.
+    The spans C{(start, end)} to fetch a blob of C{size} bytes in, the
+    first of them the front's, which has C{front} bytes already: one span
+    for a blob of unknown size or of at most C{above} bytes, else up to
+    C{segments}, sharing what the front does not have, each starting on a
+    MiB boundary.
     """
     if size is None or segments <= 1 or size <= above:
         return [(0, size or 0)]
-    step = -(-size // segments)
-    step = -(-step // ALIGN) * ALIGN
-    starts = list(range(0, size, step))
+    step = -(-(size - front) // segments)
+    starts = sorted({-(-(front + k * step) // ALIGN) * ALIGN for k in range(1, segments)})
+    starts = [0, *(start for start in starts if front < start < size)]
     return list(zip(starts, [*starts[1:], size], strict=True))
+
+
+def worth_segmenting(size: int, received: int, seconds: float) -> bool:
+    """Whether a download with C{received} of C{size} bytes after C{seconds} is slow enough."""
+    remaining = size - received
+    return remaining > 0 and remaining * seconds > WORTH_IT * received
 
 
 class Segments:
