@@ -140,7 +140,7 @@ async def test_segmented_fill_through_throttled_connections_is_whole_and_cached(
     blob, proxy, start_txregistry, logs
 ):
     """
-    Each connection at 1 MB/s: after half a second, with most of the 3 MiB
+    Each connection at 1 MB/s: after a quarter of a second, with most of the 3 MiB
     blob still to come, its last MiB is asked for as a Range segment beside
     the first connection, and the client still gets every byte, in order,
     verified.

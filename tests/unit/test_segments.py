@@ -21,7 +21,13 @@ from txregistry.config import MirrorConfig, RegistryConfig, UpstreamConfig
 from txregistry.oci.reference import Digest
 from txregistry.repository import segments as segments_module
 from txregistry.repository.fill import BlobFill, FillPolicy
-from txregistry.repository.segments import ALIGN, SEGMENT_AFTER, plan, worth_segmenting
+from txregistry.repository.segments import (
+    ALIGN,
+    FAST_CONNECTION,
+    SEGMENT_AFTER,
+    plan,
+    worth_segmenting,
+)
 from txregistry.storage import staging
 from txregistry.storage.disk import DiskStorage
 from txregistry.storage.runner import run_inline
@@ -63,6 +69,9 @@ def test_a_fast_download_is_not_worth_segmenting():
     # A tenth of it: another 4.5 s at that rate.
     assert worth_segmenting(100, 10, 0.5)
     assert not worth_segmenting(100, 100, 0.5)
+    # A connection faster than FAST_CONNECTION is left alone, however large the blob.
+    assert not worth_segmenting(100 * FAST_CONNECTION, FAST_CONNECTION, 0.5)
+    assert worth_segmenting(100 * FAST_CONNECTION, FAST_CONNECTION // 4, 0.5)
 
 
 def test_a_download_that_is_fast_enough_stays_one_stream(tmp_path):

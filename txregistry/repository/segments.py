@@ -58,12 +58,14 @@ _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 FetchRange = Callable[[int, int, str | None], Awaitable[UpstreamResponse]]
 
 
-# A download is segmented only if it is still running this many seconds
-# after it started, and at the rate it has had would need more than
-# WORTH_IT seconds more: a fast upstream (or a loopback one) is left to one
-# connection, which costs the machine less.
-SEGMENT_AFTER = 0.5
+# A download is segmented only if, this many seconds after it started, its
+# one connection has been slower than FAST_CONNECTION, and at that rate it
+# would need more than WORTH_IT seconds more.  A fast upstream (a loopback
+# one, or a machine that is itself the limit) is left to one connection,
+# which costs the machine less and asks the upstream for less.
+SEGMENT_AFTER = 0.25
 WORTH_IT = 1.0
+FAST_CONNECTION = 64 << 20
 
 
 def plan(size: int | None, segments: int, above: int, front: int = 0) -> list[tuple[int, int]]:
@@ -85,7 +87,8 @@ def plan(size: int | None, segments: int, above: int, front: int = 0) -> list[tu
 def worth_segmenting(size: int, received: int, seconds: float) -> bool:
     """Whether a download with C{received} of C{size} bytes after C{seconds} is slow enough."""
     remaining = size - received
-    return remaining > 0 and remaining * seconds > WORTH_IT * received
+    slow = received < FAST_CONNECTION * seconds
+    return slow and remaining > 0 and remaining * seconds > WORTH_IT * received
 
 
 class Segments:
