@@ -224,7 +224,8 @@ class BlobFill:
     def _segment(self) -> None:
         self._segment_timer = None
         size, policy, fetch = self.expected_size, self.policy, self._fetch_range
-        if not self.active or size is None or fetch is None:
+        # A backend whose staged blobs cannot be written ahead gets one stream.
+        if not self.active or size is None or fetch is None or not hasattr(self._staged, "ahead"):
             return
         if not worth_segmenting(size, self.received, SEGMENT_AFTER):
             return
