@@ -130,7 +130,9 @@ def _throttled(f: _Figures, sizes: Sizes) -> list[Line]:
         Line(s, "bound: size / (segments x per-connection rate)", bound, "s"),
         Line(s, "direct / txregistry", direct / tx, "x", Target(False, 2.0)),
         Line(s, "txregistry / bound", tx / bound, "x", Target(True, 1.3)),
-    ]
+        Line(s, "txregistry's peak RSS added, segmented (worst run)",
+             f.worst("throttled.txregistry_added_mib"), "MiB", Target(True, 50)),
+    ]  # fmt: skip
 
 
 def _warm_single(f: _Figures, sizes: Sizes) -> list[Line]:

@@ -10,6 +10,7 @@ figure from a broken transfer would be worse than none.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import time
@@ -186,6 +187,9 @@ class Bench:
         if fetched.size != blob.size:
             raise RuntimeError(f"{url}: got {fetched.size} bytes of {blob.size}")
         return fetched
+
+    def _fetch_into(self, fetched: list[Fetched], url: str, blob: Blob) -> None:
+        fetched.append(self._fetch(url, blob))
 
     def _fetch_peer(self, url: str, blob: Blob) -> Fetched | None:
         """The peer's fetch, or None if it did not complete: its figures count only if it did."""
@@ -456,4 +460,8 @@ class Bench:
         for _ in range(sizes.throttled_runs):
             blob = self._blob(sizes.throttled_blob)
             self._record("throttled.direct_s", self._fetch(proxy.url + blob.path(), blob).seconds)
-            self._record("throttled.txregistry_s", self._fetch(tx.url + blob.path(), blob).seconds)
+            fetched: list[Fetched] = []
+            fetch_it = functools.partial(self._fetch_into, fetched, tx.url + blob.path(), blob)
+            added = added_rss(tx.pid, fetch_it)
+            self._record("throttled.txregistry_s", fetched[0].seconds)
+            self._record("throttled.txregistry_added_mib", added / MiB)

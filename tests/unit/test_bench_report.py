@@ -40,7 +40,7 @@ def _samples(value: float) -> dict[str, list[float]]:
         "cold_single.txregistry_cpu_s", "cold_single.peer_incomplete",
         "cold_fan_out.txregistry_cpu_s", "cold_fan_out.peer_incomplete",
         "cold_fan_out.sha256_s", "cold_fan_out.write_s",
-        "throttled.direct_s", "throttled.txregistry_s",
+        "throttled.direct_s", "throttled.txregistry_s", "throttled.txregistry_added_mib",
     ]  # fmt: skip
     for kind in ("single", "fan_out"):
         for name in ("txregistry", "peer", "nginx_sendfile", "nginx_copy"):
