@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
@@ -40,8 +41,16 @@ def main(argv: list[str] | None = None) -> int:
         help="run only these scenarios, by number: --only 1,3",
     )
     parser.add_argument("--keep", type=Path, help="work in this directory and keep the logs")
+    parser.add_argument(
+        "--segments",
+        type=int,
+        help="run txregistry with this many segments per download (for A/B runs;"
+        " by default its own default)",
+    )
     options = parser.parse_args(argv)
     sizes = QUICK if options.quick else FULL
+    if options.segments is not None:
+        sizes = replace(sizes, segments=options.segments)
 
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -49,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="txregistry-bench-") as scratch:
         directory = options.keep or Path(scratch)
         directory.mkdir(parents=True, exist_ok=True)
-        bench = Bench(directory, sizes, say)
+        bench = Bench(directory, sizes, say, options.segments is not None)
         try:
             bench.start()
             samples = bench.run(options.only)

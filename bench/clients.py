@@ -6,6 +6,7 @@ bench's Python never stands between a server and its client.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -43,6 +44,57 @@ def fetch(url: str, accept: str | None = None) -> Fetched:
         raise RuntimeError(f"curl {url}: {done.stderr.strip()}")
     size, seconds = done.stdout.split()
     return Fetched(int(size), float(seconds))
+
+
+@dataclass(frozen=True)
+class FannedOut:
+    seconds: float
+    # How many of the clients did not get the whole body.
+    incomplete: int
+
+
+def fan_out_counted(url: str, clients: int, size: int) -> FannedOut:
+    """
+    Like L{fan_out}, but a client that fails or gets fewer than C{size}
+    bytes is counted rather than stopping the bench: for the peer, whose
+    transfers do not always complete.
+    """
+    started = time.perf_counter()
+    processes = [
+        subprocess.Popen(_curl(url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(clients)
+    ]
+    outputs = [process.communicate(timeout=HANG_GUARD) for process in processes]
+    elapsed = time.perf_counter() - started
+    incomplete = sum(
+        1
+        for process, (out, _) in zip(processes, outputs, strict=True)
+        if process.returncode != 0 or not out.split() or int(out.split()[0]) != size
+    )
+    return FannedOut(elapsed, incomplete)
+
+
+def cpu_seconds(pid: int) -> float:
+    """The user and system CPU time a process has used so far (robust to a busy machine)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def dd_write(source: Path, destination: Path) -> float:
+    """
+    The seconds C{dd} takes to copy C{source} (in the page cache) to a new
+    file, as dd reports them: a cache's own write of a blob, without fsync.
+    """
+    done = subprocess.run(
+        ["dd", f"if={source}", f"of={destination}", "bs=1M"],
+        capture_output=True, text=True, timeout=HANG_GUARD,
+    )  # fmt: skip
+    destination.unlink(missing_ok=True)
+    match = re.search(r"copied, ([\d.]+) s", done.stderr)
+    if done.returncode != 0 or match is None:
+        raise RuntimeError(f"dd {source}: {done.stderr.strip()}")
+    return float(match[1])
 
 
 def fan_out(url: str, clients: int) -> float:

@@ -10,6 +10,7 @@ figure from a broken transfer would be worse than none.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import time
@@ -27,7 +28,10 @@ from bench.clients import (
     MANIFEST_ACCEPT,
     Fetched,
     added_rss,
+    cpu_seconds,
+    dd_write,
     fan_out,
+    fan_out_counted,
     fan_out_over,
     fetch,
     skopeo_copy,
@@ -35,7 +39,7 @@ from bench.clients import (
 )
 from bench.content import Blob, push_blob, push_image, random_chunks
 from bench.pushes import LayerFile, push_layer
-from bench.servers import Nginx, Registry, Server, TxRegistry
+from bench.servers import Nginx, Registry, Server, ThrottleProxy, TxRegistry
 
 MiB = 1 << 20
 
@@ -50,6 +54,13 @@ class Sizes:
     image_layers: int
     layer_size: int
     wrk_seconds: float
+    # Scenario 10: the upstream sends each connection at this many bytes a
+    # second; blobs above segments_above are fetched in this many segments.
+    throttled_blob: int
+    throttle_rate: float
+    throttled_runs: int
+    segments: int = 4
+    segments_above: int = 64 * MiB
     fan_out: int = 8
     connections: int = 16
     fleet_nodes: int = 3
@@ -57,11 +68,12 @@ class Sizes:
 
 FULL = Sizes(
     runs=5, blob=256 * MiB, memory_blob=1024 * MiB, image_layers=4, layer_size=48 * MiB,
-    wrk_seconds=10,
+    wrk_seconds=10, throttled_blob=256 * MiB, throttle_rate=32 * MiB, throttled_runs=3,
 )  # fmt: skip
 QUICK = Sizes(
     runs=2, blob=4 * MiB, memory_blob=16 * MiB, image_layers=2, layer_size=1 * MiB,
-    wrk_seconds=1,
+    wrk_seconds=1, throttled_blob=4 * MiB, throttle_rate=2 * MiB, throttled_runs=2,
+    segments_above=1 * MiB,
 )  # fmt: skip
 
 Samples = dict[str, list[float]]
@@ -72,26 +84,36 @@ def floors(blob_file: Path, scratch: Path) -> tuple[float, float]:
     """
     What any cache that checks and keeps a blob must spend on it, on this
     machine: the seconds to hash it on one core, with the same OpenSSL that
-    txregistry's hashlib uses, and to write it into a new file next to the
-    caches (into the page cache, as a cache's own write does).
+    txregistry's hashlib uses (from memory, in 1 MiB updates), and for
+    C{dd} to write it into a new file next to the caches (into the page
+    cache, as a cache's own write does).
     """
     data = blob_file.read_bytes()
+    view = memoryview(data)
     started = time.perf_counter()
-    hashlib.sha256(data).hexdigest()
+    hasher = hashlib.sha256()
+    for start in range(0, len(data), MiB):
+        hasher.update(view[start : start + MiB])
+    hasher.hexdigest()
     hashing = time.perf_counter() - started
-    started = time.perf_counter()
-    scratch.write_bytes(data)
-    writing = time.perf_counter() - started
-    scratch.unlink()
-    return hashing, writing
+    del view, data
+    return hashing, dd_write(blob_file, scratch)
 
 
 class Bench:
     """The servers, started on loopback, and the samples measured against them."""
 
-    def __init__(self, directory: Path, sizes: Sizes, say: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        sizes: Sizes,
+        say: Callable[[str], None],
+        configure_segments: bool = False,
+    ) -> None:
+        """C{configure_segments}: give txregistry C{sizes.segments}, not its default."""
         self.directory = directory
         self.sizes = sizes
+        self._segment_keys = self._segments_config() if configure_segments else ""
         self.say = say
         self.samples: Samples = defaultdict(list)
         self._seeds = itertools.count(1)
@@ -112,11 +134,21 @@ class Bench:
             Registry("peer", self.directory / "peer", proxy_for=self.upstream.url)
         )
         self.txregistry = self._started(
-            TxRegistry(self.directory / "txregistry", self.upstream.url, free_port(), free_port())
+            TxRegistry(
+                self.directory / "txregistry",
+                self.upstream.url,
+                free_port(),
+                free_port(),
+                registry_keys=self._segment_keys,
+            )
         )
         self.nginx = self._started(
             Nginx(self.directory / "nginx", self.upstream.storage, (free_port(), free_port()))
         )
+
+    def _segments_config(self) -> str:
+        sizes = self.sizes
+        return f"segments = {sizes.segments}\nsegments_above = {sizes.segments_above}"
 
     def _started(self, server: S) -> S:
         self._servers.append(server)
@@ -141,6 +173,7 @@ class Bench:
             self.fleet,
             self.push,
             self.from_bucket,
+            self.throttled,
         ]
         for number, scenario in enumerate(scenarios, 1):
             if number in only:
@@ -160,6 +193,17 @@ class Bench:
         if fetched.size != blob.size:
             raise RuntimeError(f"{url}: got {fetched.size} bytes of {blob.size}")
         return fetched
+
+    def _fetch_into(self, fetched: list[Fetched], url: str, blob: Blob) -> None:
+        fetched.append(self._fetch(url, blob))
+
+    def _fetch_peer(self, url: str, blob: Blob) -> Fetched | None:
+        """The peer's fetch, or None if it did not complete: its figures count only if it did."""
+        try:
+            return self._fetch(url, blob)
+        except RuntimeError as e:
+            self.say(f"  the peer's transfer did not complete: {e}")
+            return None
 
     def _warm_up(self, url: str, blob: Blob, attempts: int = 20) -> None:
         """
@@ -192,13 +236,16 @@ class Bench:
         self.say(f"1. cold single client, {self.sizes.blob // MiB} MiB")
         for _ in range(self.sizes.runs):
             blob = self._blob(self.sizes.blob)
-            for name, base in (
-                ("direct", self.upstream.url),
-                ("txregistry", self.txregistry.url),
-                ("peer", self.peer.url),
-            ):
-                seconds = self._fetch(base + blob.path(), blob).seconds
-                self._record(f"cold_single.{name}_s", seconds)
+            direct = self._fetch(self.upstream.url + blob.path(), blob)
+            self._record("cold_single.direct_s", direct.seconds)
+            cpu = cpu_seconds(self.txregistry.pid)
+            tx = self._fetch(self.txregistry.url + blob.path(), blob)
+            self._record("cold_single.txregistry_cpu_s", cpu_seconds(self.txregistry.pid) - cpu)
+            self._record("cold_single.txregistry_s", tx.seconds)
+            peer = self._fetch_peer(self.peer.url + blob.path(), blob)
+            self._record("cold_single.peer_incomplete", 0 if peer else 1)
+            if peer is not None:
+                self._record("cold_single.peer_s", peer.seconds)
             hashing, writing = floors(
                 self.upstream.blob_path(blob.digest), self.directory / "floor.bin"
             )
@@ -240,11 +287,28 @@ class Bench:
                 "cold_fan_out.nginx_s",
                 min(fan_out(url, clients) for url in self._nginx_urls(blob)),
             )
-            for name, base in (("txregistry", self.txregistry.url), ("peer", self.peer.url)):
-                since = self.upstream.mark()
-                self._record(f"cold_fan_out.{name}_s", fan_out(base + blob.path(), clients))
-                gets = self.upstream.blob_gets(blob.digest, since, self.upstream.mark())
-                self._record(f"cold_fan_out.{name}_upstream_gets", gets)
+            since = self.upstream.mark()
+            cpu = cpu_seconds(self.txregistry.pid)
+            self._record(
+                "cold_fan_out.txregistry_s", fan_out(self.txregistry.url + blob.path(), clients)
+            )
+            self._record("cold_fan_out.txregistry_cpu_s", cpu_seconds(self.txregistry.pid) - cpu)
+            gets = self.upstream.blob_gets(blob.digest, since, self.upstream.mark())
+            self._record("cold_fan_out.txregistry_upstream_gets", gets)
+            since = self.upstream.mark()
+            peer = fan_out_counted(self.peer.url + blob.path(), clients, blob.size)
+            if peer.incomplete:
+                self.say(f"  {peer.incomplete} of the peer's {clients} transfers did not complete")
+            else:
+                self._record("cold_fan_out.peer_s", peer.seconds)
+            self._record("cold_fan_out.peer_incomplete", peer.incomplete)
+            gets = self.upstream.blob_gets(blob.digest, since, self.upstream.mark())
+            self._record("cold_fan_out.peer_upstream_gets", gets)
+            hashing, writing = floors(
+                self.upstream.blob_path(blob.digest), self.directory / "floor.bin"
+            )
+            self._record("cold_fan_out.sha256_s", hashing)
+            self._record("cold_fan_out.write_s", writing)
         self.fan_out_blob = blob
 
     # 4. Eight clients at once, on a blob in the cache.
@@ -417,3 +481,33 @@ class Bench:
             )
             self._record("bucket.direct_s", self._fetch(presigned, blob).seconds)
             self._record("bucket.txregistry_s", self._fetch(node.url + blob.path(), blob).seconds)
+
+    # 11. One client, a blob nobody has cached, from an upstream that limits
+    # each connection.
+
+    def throttled(self) -> None:
+        sizes = self.sizes
+        rate = sizes.throttle_rate
+        self.say(
+            f"11. cold, {sizes.throttled_blob // MiB} MiB, each upstream connection at"
+            f" {rate / MiB:g} MiB/s"
+        )
+        proxy = self._started(ThrottleProxy(self.directory / "throttle", self.upstream.port, rate))
+        tx = self._started(
+            TxRegistry(
+                self.directory / "txregistry-throttled",
+                proxy.url,
+                free_port(),
+                free_port(),
+                name="txregistry-throttled",
+                registry_keys=self._segments_config(),
+            )
+        )
+        for _ in range(sizes.throttled_runs):
+            blob = self._blob(sizes.throttled_blob)
+            self._record("throttled.direct_s", self._fetch(proxy.url + blob.path(), blob).seconds)
+            fetched: list[Fetched] = []
+            fetch_it = functools.partial(self._fetch_into, fetched, tx.url + blob.path(), blob)
+            added = added_rss(tx.pid, fetch_it)
+            self._record("throttled.txregistry_s", fetched[0].seconds)
+            self._record("throttled.txregistry_added_mib", added / MiB)

@@ -178,12 +178,14 @@ class TxRegistry(Server):
         peers: list[str] | None = None,
         extra_config: str = "",
         extra_env: dict[str, str] | None = None,
+        registry_keys: str = "",
     ) -> None:
         """
         C{peers}, with this node's own URL among them, makes it a fleet node.
 
         @param extra_config: TOML tables added to the config (C{[storage]}
             for the bucket scenario), with C{extra_env} (its keys).
+        @param registry_keys: more lines for its C{[[registry]]} table.
         """
         directory.mkdir(parents=True, exist_ok=True)
         self.host = f"127.0.0.1:{port}"
@@ -204,6 +206,7 @@ class TxRegistry(Server):
             [[registry]]
             name = "docker.io"
             mirrors = ["{upstream_url}"]
+            {registry_keys}
             # The push scenario's: a hosted registry, and push-through to
             # the upstream (its origin).
             [[registry]]
@@ -223,6 +226,22 @@ class TxRegistry(Server):
         args = [twistd, "-n", "--pidfile=", "txregistry", "--config", str(config)]
         super().__init__(name, args, directory, env)
         self.wait_for("txregistry ready")
+
+
+class ThrottleProxy(Server):
+    """
+    The tests' fault proxy (tests/harness/faults.py) in front of the
+    upstream, sending each response at C{rate} bytes a second: an upstream
+    that limits each connection, as blob storage does.
+    """
+
+    def __init__(self, directory: Path, target_port: int, rate: float) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        script = ROOT / "tests" / "harness" / "faults.py"
+        args = [sys.executable, str(script), "--target", str(target_port), "--throttle", str(rate)]
+        super().__init__("throttle", args, directory)
+        port = int(self.wait_for(r"listening on (\d+)")[1])
+        self.url = f"http://127.0.0.1:{port}"
 
 
 class Nginx(Server):

@@ -11,8 +11,14 @@ not-yet-used fault whose C{path} is in the request line.
  - C{stall}: forward C{at} bytes of the body, then nothing more, for ever;
  - C{trickle}: forward the body C{chunk} bytes at a time, C{interval}
    seconds apart;
+ - C{throttle}: forward the body at C{rate} bytes a second, the way blob
+   storage limits each connection (use a large C{times} for every response);
  - C{reset}: abort the connection before sending a byte of the response;
  - C{hang}: read the request, and never answer or close.
+
+Run as a program, it is a throttling proxy for the bench:
+C{python tests/harness/faults.py --target PORT --throttle BYTES_PER_SECOND}
+prints the port it listens on.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class Fault:
     times: int = 1
     chunk: int = 16384
     interval: float = 0.005
+    rate: float = 0.0
     # Fires when a stall begins, with the bytes of the body forwarded.
     stalled: Deferred = field(default_factory=Deferred)
 
@@ -137,6 +144,36 @@ class _FromClient(Protocol):
         elif fault.kind == "trickle":
             self.upstream.transport.pauseProducing()
             self._trickle(data)
+        elif fault.kind == "throttle":
+            self._throttle_buffer += data
+            if len(self._throttle_buffer) > 4 * _THROTTLE_STEP:
+                self.upstream.transport.pauseProducing()
+            if self._throttle_started is None:
+                self._throttle_started = reactor.seconds()
+                self._throttle()
+
+    _throttle_buffer = b""
+    _throttle_started: float | None = None
+    _throttle_sent = 0
+
+    def _throttle(self) -> None:
+        """Send what the rate allows by now, then come back when the next step is due."""
+        if self.transport.disconnected:
+            return
+        rate = self.fault.rate
+        allowed = int(rate * (reactor.seconds() - self._throttle_started)) - self._throttle_sent
+        if allowed > 0 and self._throttle_buffer:
+            piece = self._throttle_buffer[:allowed]
+            self._throttle_buffer = self._throttle_buffer[len(piece) :]
+            self._throttle_sent += len(piece)
+            self._send(piece)
+            if len(self._throttle_buffer) <= 4 * _THROTTLE_STEP:
+                self.upstream.transport.resumeProducing()
+        if not self._throttle_buffer and self._upstream_closed:
+            self.transport.loseConnection()
+            return
+        due = (self._throttle_sent + _THROTTLE_STEP) / rate + self._throttle_started
+        reactor.callLater(max(0.0, due - reactor.seconds()), self._throttle)
 
     def _trickle(self, data: bytes) -> None:
         if self.transport.disconnected:
@@ -165,14 +202,19 @@ class _FromClient(Protocol):
 
     def upstream_closed(self) -> None:
         self._upstream_closed = True
-        if self.fault is not None and self.fault.kind == "trickle":
-            return  # closed by _trickle once the last piece is out
+        if self.fault is not None and self.fault.kind in ("trickle", "throttle"):
+            if self.fault.kind == "throttle" and self._throttle_started is None:
+                self.transport.loseConnection()  # it never had a body
+            return  # closed by _trickle or _throttle once the last piece is out
         if not self.dead:
             self.transport.loseConnection()
 
     def connectionLost(self, reason=None) -> None:
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.loseConnection()
+
+
+_THROTTLE_STEP = 64 * 1024
 
 
 class FaultProxy:
@@ -203,3 +245,34 @@ class FaultProxy:
     async def stop(self) -> None:
         if self.port is not None:
             await self.port.stopListening()
+
+
+def main() -> None:
+    """A throttling proxy in a process of its own, for the bench."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="throttle each response of an upstream")
+    parser.add_argument("--target", type=int, required=True, help="the upstream's port")
+    parser.add_argument("--throttle", type=float, required=True, help="bytes a second")
+    options = parser.parse_args()
+
+    async def start() -> None:
+        proxy = await FaultProxy(options.target).start()
+        proxy.inject(Fault("", "throttle", rate=options.throttle, times=1 << 62))
+        print(f"listening on {proxy.port.getHost().port}", flush=True)
+        # Forget the requests: a long bench would otherwise keep them all.
+        proxy.requests = _Forget()
+
+    Deferred.fromCoroutine(start()).addErrback(lambda f: (f.printTraceback(), reactor.stop()))
+    reactor.run()
+    sys.exit(0)
+
+
+class _Forget(list):
+    def append(self, item: object) -> None:
+        pass
+
+
+if __name__ == "__main__":
+    main()

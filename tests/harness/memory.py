@@ -136,18 +136,19 @@ class FakeRegistry(Resource):
         """
         Make GETs of a blob send only their headers: the test writes the
         body, in whatever pieces it likes, to the requests returned.  A GET
-        with a Range gets a 206 for the rest of the blob.
+        with a Range gets a 206 for the bytes it asks for.
         """
         held: list[Request] = []
 
         def hold(request: Request) -> int | None:
             if request.method == b"GET" and request.path.endswith(f"/blobs/{digest}".encode()):
                 size = len(self.blobs[digest])
-                start = _range_start(request) if self.honor_range else None
-                if start is not None:
+                span = _range(request, size) if self.honor_range else None
+                start, end = span or (0, size)
+                if span is not None:
                     request.setResponseCode(206)
-                    request.setHeader(b"Content-Range", f"bytes {start}-{size - 1}/{size}".encode())
-                request.setHeader(b"Content-Length", str(size - (start or 0)).encode())
+                    request.setHeader(b"Content-Range", f"bytes {start}-{end - 1}/{size}".encode())
+                request.setHeader(b"Content-Length", str(end - start).encode())
                 request.write(b"")
                 held.append(request)
                 return NOT_DONE_YET
@@ -205,13 +206,12 @@ class FakeRegistry(Resource):
                 )
             request.setHeader(b"Content-Type", b"application/octet-stream")
             request.setHeader(b"Docker-Content-Digest", ref.encode())
-            start = _range_start(request) if self.honor_range else None
-            if start is not None:
+            span = _range(request, len(blob)) if self.honor_range else None
+            if span is not None:
+                start, end = span
                 request.setResponseCode(206)
-                request.setHeader(
-                    b"Content-Range", f"bytes {start}-{len(blob) - 1}/{len(blob)}".encode()
-                )
-                return blob[start:]
+                request.setHeader(b"Content-Range", f"bytes {start}-{end - 1}/{len(blob)}".encode())
+                return blob[start:end]
             return blob
         digest = ref if ":" in ref else self.tags.get((name, ref))
         if digest is None or digest not in self.manifests:
@@ -305,9 +305,12 @@ class FaultyAgent:
         return [s for s in self.sent if URI.fromBytes(s.url.encode()).host.decode() == host]
 
 
-def _range_start(request: Request) -> int | None:
-    match = re.fullmatch(rb"bytes=(\d+)-", request.getHeader(b"range") or b"")
-    return int(match[1]) if match else None
+def _range(request: Request, size: int) -> tuple[int, int] | None:
+    """The span C{(start, end)} a C{Range: bytes=N-} or C{bytes=N-M} asks for, if any."""
+    match = re.fullmatch(rb"bytes=(\d+)-(\d*)", request.getHeader(b"range") or b"")
+    if match is None:
+        return None
+    return int(match[1]), min(size, int(match[2]) + 1) if match[2] else size
 
 
 def _has_basic(request: Request, user_password: str) -> bool:

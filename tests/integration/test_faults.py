@@ -133,3 +133,23 @@ async def test_reset_before_headers_fails_over_or_is_a_502(blob, proxy, upstream
     tx = start_txregistry(RegistryConfig("docker.io", mirrors, default=True))
     assert await get(tx, digest) == (200, "MISS", data, True)
     assert (await get(tx, digest))[:2] == (200, "HIT")
+
+
+@pytest_twisted.ensureDeferred
+async def test_segmented_fill_through_throttled_connections_is_whole_and_cached(
+    blob, proxy, start_txregistry, logs
+):
+    """
+    Each connection at 1 MB/s: after a quarter of a second, with most of the 3 MiB
+    blob still to come, its last MiB is asked for as a Range segment beside
+    the first connection, and the client still gets every byte, in order,
+    verified.
+    """
+    digest, data = blob
+    proxy.inject(Fault(f"/blobs/{digest}", "throttle", rate=1e6, times=1000))
+    tx = start_txregistry(through(proxy, segments=3, segments_above=1 << 20))
+    assert await get(tx, digest) == (200, "MISS", data, True)
+    asked = [re.search(r"Range: (bytes=[\d-]+)", r) for r in proxy.requests_for(digest)]
+    assert sorted(m[1] for m in asked if m) == [f"bytes={2 << 20}-{SIZE - 1}"]
+    assert logs.matching("in 2 segments")
+    assert (await get(tx, digest))[:2] == (200, "HIT")

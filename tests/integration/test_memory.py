@@ -12,15 +12,24 @@ import signal
 import pytest
 from harness.twistd import start_in_front_of
 
+from txregistry.config import UpstreamConfig
 from txregistry.repository.fill import FillPolicy
+from txregistry.repository.segments import AHEAD_BUFFER, READ_BACK
 
 pytestmark = pytest.mark.integration
 
 BLOB_SIZE = 256 << 20
 # Peak RSS may grow by this much while the blob streams: the window of
-# bytes received but not yet on disk, and buffers of a few chunks, not the
-# blob.  Holding the blob would add BLOB_SIZE.
-ALLOWED_GROWTH = FillPolicy().relay_window + (4 << 20)
+# bytes received but not yet on disk, what each segment after the first
+# holds while its write to the file is pending (and one in flight), a
+# read-back, and buffers of a few chunks, not the blob.  Holding the blob
+# would add BLOB_SIZE.
+ALLOWED_GROWTH = (
+    FillPolicy().relay_window
+    + (UpstreamConfig().segments - 1) * 2 * AHEAD_BUFFER
+    + READ_BACK
+    + (4 << 20)
+)
 
 
 def blob_chunks():

@@ -37,6 +37,10 @@ def _samples(value: float) -> dict[str, list[float]]:
         "cold_fan_out.txregistry_upstream_gets", "cold_fan_out.peer_upstream_gets",
         "manifest.txregistry_rps", "manifest.peer_rps", "manifest.txregistry_p99_ms",
         "manifest.peer_p99_ms", "memory.cold_added_mib", "memory.warm_added_mib",
+        "cold_single.txregistry_cpu_s", "cold_single.peer_incomplete",
+        "cold_fan_out.txregistry_cpu_s", "cold_fan_out.peer_incomplete",
+        "cold_fan_out.sha256_s", "cold_fan_out.write_s",
+        "throttled.direct_s", "throttled.txregistry_s", "throttled.txregistry_added_mib",
     ]  # fmt: skip
     for kind in ("single", "fan_out"):
         for name in ("txregistry", "peer", "nginx_sendfile", "nginx_copy"):

@@ -275,3 +275,29 @@ def test_inline_spool_writes_at_once(tmp_path: Path) -> None:
     assert (spool.written, path.read_bytes()) == (1000, BLOB[:1000])
     assert spool.close().result == hashlib.sha256(BLOB[:1000]).hexdigest()
     os.close(fd)
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_bytes_already_on_disk_are_hashed_and_not_written_again(
+    tmp_path: Path, threaded: bool
+) -> None:
+    fd, path = open_file(tmp_path)
+    # A segment wrote the middle ahead, in place; the marker shows whether
+    # the spool wrote over it.
+    middle = b"\0" * 10_000
+    os.pwrite(fd, middle, 10_000)
+    reactor = ReactorThread()
+    spool = (
+        ThreadSpool(fd, hashlib.sha256(), reactor)
+        if threaded
+        else InlineSpool(fd, hashlib.sha256())
+    )
+    spool.append(BLOB[:10_000])
+    spool.append(BLOB[10_000:20_000], on_disk=True)
+    spool.append(BLOB[20_000:30_000])
+    closed = spool.close()
+    digest = digest_of(closed, reactor) if threaded else closed.result
+    assert digest == hashlib.sha256(BLOB[:30_000]).hexdigest()
+    assert spool.written == 30_000
+    assert path.read_bytes() == BLOB[:10_000] + middle + BLOB[20_000:30_000]
+    os.close(fd)

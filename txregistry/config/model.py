@@ -205,6 +205,10 @@ class UpstreamConfig:
     backoff_max: float = 300.0
     body_timeout: float = 30.0
     resume_attempts: int = 3
+    # Segmented downloads: a blob larger than segments_above is fetched as
+    # this many concurrent Range requests (1: one stream).
+    segments: int = 4
+    segments_above: int = 64 << 20
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,12 @@ def _count(value: Any) -> int:
     return value
 
 
+def _segments(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16:
+        raise ValueError(f"expected a whole number from 1 (one stream) to 16, not {value!r}")
+    return value
+
+
 def _address_family(value: Any) -> str:
     if value not in ADDRESS_FAMILIES:
         raise ValueError(f"must be one of {', '.join(ADDRESS_FAMILIES)}, not {value!r}")
@@ -214,6 +220,8 @@ def _upstream(table: _Table, defaults: UpstreamConfig) -> UpstreamConfig:
         backoff_max=defaults.backoff_max,
         body_timeout=defaults.body_timeout,
         resume_attempts=defaults.resume_attempts,
+        segments=table.get("segments", _segments, defaults.segments),
+        segments_above=table.get("segments_above", parse_size, defaults.segments_above),
     )
 
 

@@ -48,6 +48,13 @@ from twisted.web.http import PotentialDataLoss
 
 from txregistry.oci.reference import Digest
 from txregistry.oci.verify import BlobCheckFailed, check_blob
+from txregistry.repository.segments import (
+    SEGMENT_AFTER,
+    FetchRange,
+    Segments,
+    plan,
+    worth_segmenting,
+)
 from txregistry.storage.interface import IStagedBlob, Reader
 from txregistry.upstream.bodies import describe_failure
 from txregistry.upstream.client import UpstreamResponse
@@ -76,12 +83,17 @@ class FillPolicy:
     @ivar relay_window: how many bytes a fill keeps in memory, not yet on
         disk or, when relaying, not yet sent to every client, before it
         pauses the download.  Larger than a sender's chunk.
+    @ivar segments: how many concurrent C{Range} requests a blob larger
+        than C{segments_above} bytes is fetched with
+        (L{txregistry.repository.segments}).
     """
 
     resume_attempts: int = 3
     body_timeout: float = 30.0
     fill_without_clients: bool = True
     relay_window: int = 8 << 20
+    segments: int = 1
+    segments_above: int = 64 << 20
 
 
 class _Tail:
@@ -159,6 +171,8 @@ class BlobFill:
         resume: Resumer | None = None,
         on_relay: Callable[[BlobFill, str], None] | None = None,
         on_data: Callable[[int], None] | None = None,
+        fetch_range: FetchRange | None = None,
+        mirrors: Callable[[], list[str]] = list,
     ) -> None:
         self.digest = digest
         self.expected_size = expected_size
@@ -181,7 +195,8 @@ class BlobFill:
         self._failure: Failure | None = None
         self._senders: set[Reader] = set()
         self._references = 1
-        self._download: FillFromResponse | None = None
+        # What feeds the front: a response, or a segment that took over.
+        self._download: _Front | None = None
         # Bytes before _on_disk are in the file; bytes from _tail.start on
         # are in memory.  _tail.start <= _on_disk, except when relaying,
         # when bytes every client has sent may be gone from both.
@@ -190,10 +205,45 @@ class BlobFill:
         self._relaying = False
         self._paused = False
         self._waiting_for_disk = False
+        self._fetch_range = fetch_range
+        self._mirrors = mirrors
+        self._segments: Segments | None = None
+        self._segment_timer: IDelayedCall | None = None
 
     def start(self, response: UpstreamResponse) -> None:
-        """Download from C{response}'s body."""
+        """
+        Download from C{response}'s body; if it is large, and still slow
+        after L{SEGMENT_AFTER}, fetch the rest in segments too.
+        """
+        policy = self.policy
+        spans = plan(self.expected_size, policy.segments, policy.segments_above)
         response.response.deliverBody(FillFromResponse(self))
+        if len(spans) > 1 and response.code == 200 and self._fetch_range is not None:
+            self._segment_timer = self.clock.callLater(SEGMENT_AFTER, self._segment)
+
+    def _segment(self) -> None:
+        self._segment_timer = None
+        size, policy, fetch = self.expected_size, self.policy, self._fetch_range
+        # A backend whose staged blobs cannot be written ahead gets one stream.
+        if not self.active or size is None or fetch is None or not hasattr(self._staged, "ahead"):
+            return
+        if not worth_segmenting(size, self.received, SEGMENT_AFTER):
+            return
+        spans = plan(size, policy.segments, policy.segments_above, self.received)
+        if len(spans) < 2:
+            return
+        self.log.info(
+            "fetching {digest} in {count} segments: {rate} bytes a second on one connection",
+            digest=str(self.digest),
+            count=len(spans),
+            rate=int(self.received / SEGMENT_AFTER),
+        )
+        self._segments = Segments(self, spans, fetch, self._mirrors())
+        self._segments.start()
+
+    @property
+    def segmented(self) -> bool:
+        return self._segments is not None
 
     # ByteSource, for the FileSenders that follow this fill.
 
@@ -247,16 +297,67 @@ class BlobFill:
         """Whether bytes are still arriving."""
         return not self._download_ended and self._failure is None
 
+    def _has_ended(self) -> bool:
+        return not self.active
+
     @property
     def _settled(self) -> bool:
         return self._complete or self._failure is not None
 
     # Driven by the download.
 
-    def write(self, data: bytes) -> None:
+    def attach(self, download: FillFromResponse) -> None:
+        """A response has started to feed the front of the download."""
+        self._download = download
+        if self._paused:
+            # A resumed download, while the fill waits for its disk or clients.
+            download.hold(True)
+
+    def write(self, data: bytes, on_disk: bool = False) -> None:
+        """
+        The next bytes, in order, from whatever is the download's front;
+        C{on_disk} when a segment wrote them into the file already.
+        """
         if not self.active:
             return
-        self._staged.append(data)
+        segments = self._segments
+        while segments is not None and data:
+            following = segments.next_start(self.received)
+            if following is None or self.received + len(data) < following.start:
+                break
+            head = data[: following.start - self.received]
+            data = data[len(head) :]
+            self._take(head, on_disk)
+            if self._has_ended():
+                return  # a client's going may have abandoned it
+            if following.ready:
+                # The next segment has its bytes: the front's connection is
+                # no longer needed, and what else it sent is the segment's.
+                front, self._download = self._download, None
+                if front is not None:
+                    front.hand_over()
+                following.take_over()
+                return
+            # The front carries on through the span of a segment that has failed.
+            following.stop()
+        self._take(data, on_disk)
+
+    def _front_ended(self) -> None:
+        """The front has handed all it had: finish, or resume from here."""
+        self._download = None
+        if not self.active:
+            return
+        if self.expected_size is not None and self.received >= self.expected_size:
+            self.finish()
+            return
+        following = self._segments and self._segments.next_start(self.received - 1)
+        if following and following.start == self.received and following.ready:
+            following.take_over()
+            return
+        Deferred.fromCoroutine(self._resume_from(self.received)).addErrback(self.interrupted)
+
+    def _take(self, data: bytes, on_disk: bool = False) -> None:
+        self._staged.append(data, on_disk)
         self._tail.append(data)
         self.received += len(data)
         if self._on_data is not None:
@@ -320,7 +421,15 @@ class BlobFill:
             return
         self._download_ended = True
         self._download = None
+        self._stop_segments()
         self._staged.seal().addCallbacks(self._spooled, self.fail)
+
+    def _stop_segments(self) -> None:
+        timer, self._segment_timer = self._segment_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if self._segments is not None:
+            self._segments.stop()
 
     def _spooled(self, hex_digest: str) -> None:
         if self._settled:
@@ -403,6 +512,7 @@ class BlobFill:
         download, self._download = self._download, None
         if download is not None:
             download.stop()
+        self._stop_segments()
         level = self.log.info if reason.check(FillAbandoned) else self.log.warn
         level(
             "download of {digest} failed after {received} bytes: {reason}",
@@ -446,8 +556,9 @@ class FillFromResponse(Protocol):
     and the timer, when it fires, re-arms itself for whatever is left.
     """
 
-    def __init__(self, fill: BlobFill, skip: int = 0) -> None:
+    def __init__(self, fill: BlobFill, skip: int = 0, sink: _Sink | None = None) -> None:
         self._fill = fill
+        self._sink: _Sink = sink or fill
         self._skip = skip
         self._timer: IDelayedCall | None = None
         self._last_data = 0.0
@@ -455,11 +566,8 @@ class FillFromResponse(Protocol):
         self._stopped = False
 
     def connectionMade(self) -> None:
-        self._fill._download = self
         self._wind()
-        if self._fill._paused:
-            # A resumed download, while the fill waits for its disk or clients.
-            self.hold(True)
+        self._sink.attach(self)
 
     def _wind(self) -> None:
         """Start the stall timer afresh, or stop it while the download is held or done."""
@@ -486,7 +594,7 @@ class FillFromResponse(Protocol):
         self._fill.log.warn(
             "download of {digest} from {source}: nothing received for {timeout}s",
             digest=str(self._fill.digest),
-            source=self._fill.source,
+            source=self._sink.source,
             timeout=timeout,
         )
         self.stop()
@@ -503,6 +611,11 @@ class FillFromResponse(Protocol):
             producer.resumeProducing()
         self._wind()
 
+    def hand_over(self) -> None:
+        """Cut the connection: a segment has the rest, and its end is not an interruption."""
+        self._sink = _Ignore()
+        self.stop()
+
     def stop(self) -> None:
         """Cut the upstream connection."""
         self._stopped = True
@@ -517,15 +630,57 @@ class FillFromResponse(Protocol):
             self._skip -= skipped
             data = data[skipped:]
         if data:
-            self._fill.write(data)
+            self._sink.write(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stopped = True
         self._wind()
         if reason.check(ResponseDone, PotentialDataLoss):
-            self._fill.finish()
+            self._sink.finish()
         else:
-            self._fill.interrupted(reason)
+            self._sink.interrupted(reason)
+
+
+class _Front(TypingProtocol):
+    """What the fill pauses, stops, or lets go of when a segment takes over."""
+
+    def hold(self, held: bool) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def hand_over(self) -> None: ...
+
+
+class _Sink(TypingProtocol):
+    """Where a L{FillFromResponse} puts what it receives: the fill, or a segment of it."""
+
+    source: str
+
+    def attach(self, download: FillFromResponse) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def interrupted(self, reason: Failure) -> None: ...
+
+
+class _Ignore:
+    """The sink of a connection handed over: what it still says goes nowhere."""
+
+    source = ""
+
+    def attach(self, download: FillFromResponse) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def interrupted(self, reason: Failure) -> None:
+        pass
 
 
 class _Discard(Protocol):

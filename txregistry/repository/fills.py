@@ -23,6 +23,7 @@ from txregistry.oci.reference import Digest
 from txregistry.oci.verify import BlobCheckFailed
 from txregistry.repository.fill import BlobFill, FillAbandoned, FillPolicy, Resumer
 from txregistry.repository.interface import BlobFilling, Route
+from txregistry.repository.segments import FetchRange
 from txregistry.repository.singleflight import SingleFlight
 from txregistry.storage.interface import IStorage
 from txregistry.upstream.bodies import TimedOut, within
@@ -85,12 +86,16 @@ class BlobFills:
         response: UpstreamResponse,
         resume: Resumer,
         check_failed: Callable[[str, str], None] | None = None,
+        fetch_range: FetchRange | None = None,
+        mirrors: Callable[[], list[str]] = list,
     ) -> BlobFill | None:
         """
         Start filling storage from a blob response, or return L{None} if
         the blob cannot be stored and must be streamed through instead.
         C{check_failed} is told the source and the reason when what arrived
         fails its size or digest check.
+        C{fetch_range} asks for a span of the blob, and C{mirrors} lists the
+        mirrors to spread a segmented download over.
         """
         digest = route.digest
         size = response.content_length
@@ -105,6 +110,8 @@ class BlobFills:
             resume_attempts=upstream.resume_attempts,
             body_timeout=upstream.body_timeout,
             fill_without_clients=self._config.fill_after_disconnect,
+            segments=upstream.segments,
+            segments_above=upstream.segments_above,
         )
         fill = BlobFill(
             digest,
@@ -116,6 +123,8 @@ class BlobFills:
             resume=resume,
             on_relay=self._relaying,
             on_data=self._on_data,
+            fetch_range=fetch_range,
+            mirrors=mirrors,
         )
         self._fills[digest] = fill
         self.log.info(

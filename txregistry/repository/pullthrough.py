@@ -43,6 +43,7 @@ from txregistry.repository.interface import (
     ManifestAnswer,
     Route,
 )
+from txregistry.repository.segments import FetchRange
 from txregistry.repository.singleflight import SingleFlight
 from txregistry.repository.tags import (
     TAG_ACCEPT,
@@ -347,7 +348,12 @@ class PullThroughCache:
         async def start() -> BlobFill | None:
             response = await self._get_blob(route)
             fill = self.fills.start(
-                route, response, self._resumer(route), self.upstream(route).content_failed
+                route,
+                response,
+                self._resumer(route),
+                self.upstream(route).content_failed,
+                fetch_range=self._range_fetcher(route),
+                mirrors=self.upstream(route).digest_mirrors,
             )
             if fill is None:
                 mine.append(response)
@@ -384,7 +390,7 @@ class PullThroughCache:
         )
 
     async def _get_blob(
-        self, route: Route, offset: int = 0, start_with: str | None = None
+        self, route: Route, offset: int = 0, start_with: str | None = None, end: int | None = None
     ) -> UpstreamResponse:
         return await self.upstream(route).get_blob(
             route.repository,
@@ -393,7 +399,14 @@ class PullThroughCache:
             offset,
             start_with,
             _from_peer(route),
+            end,
         )
+
+    def _range_fetcher(self, route: Route) -> FetchRange:
+        async def fetch_range(start: int, end: int, first: str | None) -> UpstreamResponse:
+            return await self._get_blob(route, start, start_with=first, end=end)
+
+        return fetch_range
 
     def _resumer(self, route: Route) -> Resumer:
         async def resume(offset: int, last_mirror: str) -> UpstreamResponse:

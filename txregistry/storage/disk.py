@@ -308,7 +308,7 @@ class DiskStorage:
         except OSError as e:
             self.report_problem(f"cannot create a download file: {e.strerror or e}")
             raise
-        return StagedFile(fd, path, digest.hasher(), self._spools, self._commit_staged)
+        return StagedFile(fd, path, digest.hasher(), self._spools, self._commit_staged, self._run)
 
     def _commit_staged(
         self, staged: StagedFile, digest: Digest, size: int, pinned: bool

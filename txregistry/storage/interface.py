@@ -148,8 +148,12 @@ class IStagedBlob(Interface):
     )
     failure = Attribute("Why writing stopped (an OSError), if it did; hashing goes on.")
 
-    def append(data: bytes) -> None:
-        """Write and hash C{data} after everything appended before it."""
+    def append(data: bytes, on_disk: bool = False) -> None:
+        """
+        Write and hash C{data} after everything appended before it; only
+        hash it if it is C{on_disk} already, written in place by an
+        C{ahead} file.
+        """
 
     def wake_on_progress(seen: int, callback: Callable[[], None]) -> None:
         """
@@ -159,6 +163,13 @@ class IStagedBlob(Interface):
 
     def read(offset: int, length: int) -> bytes:
         """Up to C{length} written bytes from C{offset}, below L{written}."""
+
+    def ahead() -> Any:
+        """
+        An C{AheadFile} (L{txregistry.storage.staging}): C{write_at} and
+        C{read_at} any offset of this blob's file, off the reactor thread,
+        for the segments of a download that arrive before their turn.
+        """
 
     def seal() -> Deferred[str]:
         """Finish writing: fires with the hex digest of everything appended."""

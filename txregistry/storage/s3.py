@@ -990,8 +990,8 @@ class _TieredStaged:
     def failure(self) -> OSError | None:
         return self._local.failure
 
-    def append(self, data: bytes) -> None:
-        self._local.append(data)
+    def append(self, data: bytes, on_disk: bool = False) -> None:
+        self._local.append(data, on_disk)
         self.upload.progress(self._local.written)
 
     def wake_on_progress(self, seen: int, callback: Callable[[], None]) -> None:
@@ -1003,6 +1003,11 @@ class _TieredStaged:
 
     def read(self, offset: int, length: int) -> bytes:
         return self._local.read(offset, length)
+
+    def ahead(self) -> Any:
+        # Segments write ahead into the local file; the bucket's parts are
+        # read back from it only below what is written and hashed in order.
+        return self._local.ahead()
 
     def seal(self) -> Deferred[str]:
         return self._local.seal()

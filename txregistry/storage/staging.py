@@ -26,6 +26,7 @@ import errno
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from queue import SimpleQueue
 from typing import Any, Protocol
 
@@ -36,6 +37,7 @@ from zope.interface import implementer
 
 from txregistry.oci.reference import Digest
 from txregistry.storage.interface import IStagedBlob
+from txregistry.storage.runner import BlockingRunner, run_inline
 
 
 class Hasher(Protocol):
@@ -56,8 +58,11 @@ class Spool(Protocol):
     def failure(self) -> OSError | None:
         """Why writing stopped, if it did."""
 
-    def append(self, data: bytes) -> None:
-        """Write and hash C{data} after everything appended before it."""
+    def append(self, data: bytes, on_disk: bool = False) -> None:
+        """
+        Write and hash C{data} after everything appended before it; only
+        hash it if it is C{on_disk} already (a segment wrote it ahead).
+        """
 
     def wake_on_progress(self, seen: int, callback: Callable[[], None]) -> None:
         """
@@ -96,10 +101,14 @@ class InlineSpool:
         self.written = 0
         self.failure: OSError | None = None
 
-    def append(self, data: bytes) -> None:
+    def append(self, data: bytes, on_disk: bool = False) -> None:
         if self._fd is not None and self.failure is None:
-            written, self.failure = _write_all(self._fd, data)
-            self.written += written
+            if on_disk:
+                os.lseek(self._fd, len(data), os.SEEK_CUR)
+                self.written += len(data)
+            else:
+                written, self.failure = _write_all(self._fd, data)
+                self.written += written
         self._hasher.update(data)
 
     def wake_on_progress(self, seen: int, callback: Callable[[], None]) -> None:
@@ -121,6 +130,13 @@ class InlineSpool:
 
 
 _CLOSE = object()
+
+
+@dataclass(frozen=True)
+class _OnDisk:
+    """Bytes a segment already wrote in place: the writer only moves past them."""
+
+    size: int
 
 
 class ThreadSpool:
@@ -162,8 +178,8 @@ class ThreadSpool:
         for thread in self._threads:
             thread.start()
 
-    def append(self, data: bytes) -> None:
-        self._to_write.put(data)
+    def append(self, data: bytes, on_disk: bool = False) -> None:
+        self._to_write.put(_OnDisk(len(data)) if on_disk else data)
         self._to_hash.put(data)
 
     def wake_on_progress(self, seen: int, callback: Callable[[], None]) -> None:
@@ -194,7 +210,10 @@ class ThreadSpool:
             item = self._to_write.get()
             if self._abandoned or item is _CLOSE:
                 break
-            if self.failure is None:
+            if self.failure is None and isinstance(item, _OnDisk):
+                os.lseek(self._fd, item.size, os.SEEK_CUR)
+                self._progress(on_disk=item.size)
+            elif self.failure is None:
                 try:
                     written, failure = _write_all(self._fd, item)
                 except BaseException as e:
@@ -269,6 +288,67 @@ def threaded_spools(reactor: IReactorThreads) -> SpoolFactory:
     return spool
 
 
+class AheadFile:
+    """
+    Writes and reads at any offset of a staged file, through the storage
+    runner: the bytes of a segmented download that arrive ahead of the
+    in-order front (L{txregistry.repository.segments}).  They go where
+    they belong in the file, and are read back when the front reaches them,
+    to be appended C{on_disk}: hashed in order, and not written again.  It
+    owns a duplicate of the file descriptor, closed once it is closed and
+    nothing it started is still running.
+    """
+
+    def __init__(self, fd: int, run_blocking: BlockingRunner) -> None:
+        self._fd = os.dup(fd)
+        self._run = run_blocking
+        self._running = 0
+        self._closing = False
+
+    def write_at(self, offset: int, chunks: list[bytes]) -> Deferred[None]:
+        """Write C{chunks}, one after the other, from C{offset}: one C{pwritev} when it can."""
+        return self._call(_pwrite_all, self._fd, chunks, offset)
+
+    def read_at(self, offset: int, length: int) -> Deferred[bytes]:
+        return self._call(os.pread, self._fd, length, offset)
+
+    def close(self) -> None:
+        self._closing = True
+        self._close_if_idle()
+
+    def _call(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        assert not self._closing, "a closed AheadFile was used"
+        self._running += 1
+
+        def done(result: object) -> object:
+            self._running -= 1
+            self._close_if_idle()
+            return result
+
+        return self._run(f, *args).addBoth(done)
+
+    def _close_if_idle(self) -> None:
+        if self._closing and not self._running and self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _pwrite_all(fd: int, chunks: list[bytes], offset: int) -> None:
+    """Write all of C{chunks} from C{offset}, in as few system calls as the kernel allows."""
+    views = [memoryview(c) for c in chunks if c]
+    while views:
+        written = os.pwritev(fd, views[:_IOV_MAX], offset)
+        offset += written
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if written:
+            views[0] = views[0][written:]
+
+
+_IOV_MAX = 1024
+
+
 @implementer(IStagedBlob)
 class StagedFile:
     """
@@ -286,8 +366,10 @@ class StagedFile:
         hasher: Hasher,
         spools: SpoolFactory,
         commit: Callable[[StagedFile, Digest, int, bool], Deferred[bool]],
+        run_blocking: BlockingRunner = run_inline,
     ) -> None:
         self.path = path
+        self._run = run_blocking
         self._fd: int | None = fd
         self._spool = spools(fd, hasher)
         self._commit = commit
@@ -301,8 +383,11 @@ class StagedFile:
     def failure(self) -> OSError | None:
         return self._spool.failure
 
-    def append(self, data: bytes) -> None:
-        self._spool.append(data)
+    def append(self, data: bytes, on_disk: bool = False) -> None:
+        if on_disk:
+            self._spool.append(data, on_disk=True)
+        else:
+            self._spool.append(data)
 
     def wake_on_progress(self, seen: int, callback: Callable[[], None]) -> None:
         self._spool.wake_on_progress(seen, callback)
@@ -319,6 +404,10 @@ class StagedFile:
         """
         assert self._fd is not None, "a staged file was duplicated after it was closed"
         return os.dup(self._fd)
+
+    def ahead(self) -> AheadFile:
+        assert self._fd is not None, "a staged file was written after it was closed"
+        return AheadFile(self._fd, self._run)
 
     def seal(self) -> Deferred[str]:
         def sealed(hex_digest: str) -> str:

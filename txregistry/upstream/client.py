@@ -305,20 +305,31 @@ class Upstream:
         offset: int = 0,
         start_with: str | None = None,
         from_peer: bool = False,
+        end: int | None = None,
     ) -> UpstreamResponse:
-        """GET a blob, or the rest of it from byte C{offset}, whose body is to be streamed."""
-        headers = {b"Range": f"bytes={offset}-".encode()} if offset else None
+        """
+        GET a blob, or the rest of it from byte C{offset}, or with C{end}
+        the bytes from C{offset} up to (not including) C{end}: a body to be
+        streamed.
+        """
+        last = "" if end is None else str(end - 1)
+        headers = {b"Range": f"bytes={offset}-{last}".encode()} if offset or end else None
+        span = f" bytes {offset}-{last}" if end is not None else ""
         return await self.request(
             b"GET",
             repository,
             f"blobs/{digest}",
-            what + (f" from byte {offset}" if offset else ""),
+            what + (span or (f" from byte {offset}" if offset else "")),
             headers,
             by_digest=True,
             start_with=start_with,
             digest=digest,
             from_peer=from_peer,
         )
+
+    def digest_mirrors(self) -> list[str]:
+        """The URLs of the mirrors content by digest may come from, those not backing off first."""
+        return [state.mirror.url for state in self.mirrors.to_try(by_digest=True)]
 
     async def get_listing(
         self, repository: str, path: str, what: str, limit: int
