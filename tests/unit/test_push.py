@@ -420,6 +420,19 @@ class TestManifests:
         missing = registry.get("/v2/local/nothing/tags/list")
         assert (missing.status, missing.json()["errors"][0]["code"]) == (404, "NAME_UNKNOWN")
 
+    @pytest.mark.parametrize("n", ["-1", "abc", ""])
+    def test_a_page_size_that_is_no_count_is_the_clients_error(self, registry, n):
+        push_image(registry, "a")
+        response = registry.get(f"/v2/local/app/tags/list?n={n}")
+        assert response.status == 400
+        assert response.json()["errors"][0]["code"] == "PAGINATION_NUMBER_INVALID"
+
+    def test_a_page_of_no_tags(self, registry):
+        push_image(registry, "a")
+        response = registry.get("/v2/local/app/tags/list?n=0")
+        assert (response.status, response.json()["tags"]) == (200, [])
+        assert "link" not in response.headers
+
     def test_a_missing_blob_is_named(self, registry):
         config = push_blob(registry, b"{}")
         missing = digest_of(b"never pushed")

@@ -137,12 +137,11 @@ class HostedRepository:
         last = query.get("last")
         if last:
             names = [name for name in names if name > last]
-        try:
-            limit = min(int(query.get("n", TAGS_PAGE_LIMIT)), TAGS_PAGE_LIMIT)
-        except ValueError:
-            raise RegistryError(400, "PAGINATION_NUMBER_INVALID", "n must be a number") from None
+        limit = _page_limit(query.get("n"))
         headers = {"Content-Type": "application/json"}
-        if len(names) > limit:
+        if limit == 0:
+            names = []
+        elif len(names) > limit:
             names = names[:limit]
             # As an upstream's: the HTTP layer adds the client's path prefix.
             headers["Link"] = (
@@ -274,3 +273,24 @@ def _referrer_descriptor(entry: TagEntry, manifest: StoredManifest) -> dict[str,
     if isinstance(document.get("annotations"), dict):
         descriptor["annotations"] = document["annotations"]
     return descriptor
+
+
+def _page_limit(text: str | None) -> int:
+    """
+    C{?n=} of a tags/list: at most L{TAGS_PAGE_LIMIT}; C{0} asks for no
+    tags (as distribution answers it), and a negative or non-numeric one
+    is the client's error.
+    """
+    if text is None:
+        return TAGS_PAGE_LIMIT
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = -1
+    if limit < 0:
+        raise RegistryError(
+            400,
+            "PAGINATION_NUMBER_INVALID",
+            f"n={text[:20]!r} of tags/list must be a whole number, 0 or more",
+        )
+    return min(limit, TAGS_PAGE_LIMIT)
