@@ -669,7 +669,8 @@ class TestWhoMayPush:
         assert response.status == 401
         assert response.json()["errors"][0]["code"] == "UNAUTHORIZED"
         assert response.headers["www-authenticate"].startswith('Bearer realm="http://localhost')
-        assert 'scope="repository:app:pull,push"' in response.headers["www-authenticate"]
+        # The repository as the client names it, as a scope must.
+        assert 'scope="repository:local/app:pull,push"' in response.headers["www-authenticate"]
 
     def test_a_push_token_for_valid_credentials(self, guarded):
         token = guarded.get(

@@ -160,7 +160,7 @@ class RegistryResource(Resource):
             if self._access is None:
                 discard_body(exchange)
                 raise RegistryError(403, "DENIED", "pushes are turned off in this txregistry")
-            await self._access.check_push(exchange.request, route.repository)
+            await self._access.check_push(exchange.request, _client_name(route))
             await self._push.serve(exchange, route, target)
         except RegistryError as e:
             discard_body(exchange)
@@ -188,6 +188,14 @@ class RegistryResource(Resource):
             exchange,
             RegistryError(500, "UNKNOWN", "internal error in txregistry; its log has the details"),
         )
+
+
+def _client_name(route: Route) -> str:
+    """
+    The repository as the client names it (C{local/app}, with its registry
+    prefix): a token scope the client asks its realm for must name that.
+    """
+    return f"{route.prefix}/{route.repository}" if route.prefix else route.repository
 
 
 def _peer(request: Request, peers: frozenset[str]) -> str | None:
