@@ -652,6 +652,24 @@ class TestWhoMayPush:
         challenge = response.headers["www-authenticate"]
         assert challenge == 'Bearer realm="http://localhost:5050/auth/token",service="txregistry"'
 
+    @pytest.mark.parametrize(
+        "host, realm_host",
+        [
+            ("[::1]:5050", "[::1]:5050"),
+            ("registry.example:5050", "registry.example:5050"),
+            # Not host names: the realm names the address listened on instead.
+            ("..:5050", "10.0.0.1:12345"),
+            ("-a-.example", "10.0.0.1:12345"),
+            ("[::1%eth0]:5050", "10.0.0.1:12345"),
+        ],
+    )
+    def test_the_realm_names_the_host_asked_for_only_when_it_is_one(
+        self, guarded, host, realm_host
+    ):
+        response = guarded.get("/v2/", {"Host": host})
+        realm = f'realm="http://{realm_host}/auth/token"'
+        assert realm in response.headers["www-authenticate"]
+
     def test_anonymous_clients_get_a_pull_token_and_pull(self, guarded):
         token = guarded.get("/auth/token?service=txregistry&scope=repository:local/app:pull")
         assert token.status == 200

@@ -41,7 +41,6 @@ import hmac
 import ipaddress
 import json
 import os
-import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -52,6 +51,7 @@ from twisted.web.server import Request
 
 from txregistry.config import PushUsers
 from txregistry.oci.errors import RegistryError
+from txregistry.oci.reference import HOST_OR_IPV6_RE
 from txregistry.storage.runner import BlockingRunner
 
 TOKEN_PATH = b"/auth/token"
@@ -59,8 +59,6 @@ SERVICE = "txregistry"
 TOKEN_LIFETIME = 300
 # How long a valid password is remembered, so that bcrypt runs once per push.
 REMEMBER_VALID = 300.0
-
-_HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]+)?|\[[0-9A-Fa-f:.%a-z]+\](:[0-9]+)?")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -282,7 +280,7 @@ def _host(request: Request) -> str:
     host = request.getHeader(b"host")
     if host:
         text = host.decode("latin-1")
-        if _HOST_RE.fullmatch(text):
+        if HOST_OR_IPV6_RE.fullmatch(text):
             return text
     address = request.getHost()
     return f"{getattr(address, 'host', 'localhost')}:{getattr(address, 'port', 5050)}"

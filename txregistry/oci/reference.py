@@ -123,10 +123,13 @@ def validate_name(name: str) -> str:
     return name
 
 
-# A registry host name with an optional port (distribution's reference.domainAndPort).
-HOST_RE = re.compile(
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::\d{1,5})?"
-)
+_DOMAIN_NAME = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+_OPTIONAL_PORT = r"(?::\d{1,5})?"
+# A registry host name with an optional port (distribution's reference.domainAndPort,
+# without its IPv6 literals, which cannot name a registry in a path or the config).
+HOST_RE = re.compile(_DOMAIN_NAME + _OPTIONAL_PORT)
+# The same with distribution's bracketed IPv6 literals: what a Host header may be.
+HOST_OR_IPV6_RE = re.compile(rf"(?:{_DOMAIN_NAME}|\[[0-9A-Fa-f:]+\]){_OPTIONAL_PORT}")
 
 
 def looks_like_registry_host(component: str) -> bool:
