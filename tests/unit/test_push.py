@@ -746,6 +746,17 @@ class TestWhoMayPush:
         assert "wrong-password-123" not in logged and "s3cret-pw" not in logged
         assert "refused a push token" in logged
 
+    @pytest.mark.parametrize("credentials", ["!!!", "OnBhc3N3b3Jk", "bm8tY29sb24="])
+    def test_malformed_basic_credentials_are_named_so(self, guarded, credentials):
+        # "!!!" is no base64; the others are ":password" (no user) and "no-colon".
+        headers = {"Authorization": "Basic " + credentials}
+        push = guarded.client().request("POST", "/v2/local/app/blobs/uploads/", b"", headers)
+        token = guarded.get("/auth/token", headers)
+        for response in (push, token):
+            assert response.status == 401
+            message = response.json()["errors"][0]["message"]
+            assert "not base64 of USER:PASSWORD" in message and "None" not in message
+
     def test_pushes_to_a_pull_through_registry_are_denied_even_with_credentials(self, guarded):
         headers = {"Authorization": basic("ci", "s3cret-pw")}
         response = guarded.client().request("POST", "/v2/alpine/blobs/uploads/", b"", headers)

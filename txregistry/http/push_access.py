@@ -60,6 +60,11 @@ TOKEN_LIFETIME = 300
 # How long a valid password is remembered, so that bcrypt runs once per push.
 REMEMBER_VALID = 300.0
 
+_MALFORMED_BASIC = (
+    "the Authorization header's Basic credentials are not base64 of USER:PASSWORD:"
+    " log in again (docker login, podman login)"
+)
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -164,7 +169,9 @@ class PushAccess:
             raise self.unauthorized(request, login, scope)
         if scheme.lower() == "basic":
             user, password = _basic(credentials)
-            if user is not None and await self.valid(user, password):
+            if user is None:
+                raise self.unauthorized(request, _MALFORMED_BASIC, scope)
+            if await self.valid(user, password):
                 return user
             raise self.unauthorized(
                 request, f"wrong user name or password for user {user!r}", scope
@@ -208,9 +215,12 @@ class PushAccess:
                     client=str(getattr(request.getClientAddress(), "host", "")),
                     user=name,
                 )
-                body = RegistryError(
-                    401, "UNAUTHORIZED", f"wrong user name or password for user {name!r}"
-                ).body()
+                message = (
+                    _MALFORMED_BASIC
+                    if name is None
+                    else f"wrong user name or password for user {name!r}"
+                )
+                body = RegistryError(401, "UNAUTHORIZED", message).body()
                 return 401, json.loads(body), {"WWW-Authenticate": f'Basic realm="{SERVICE}"'}
             user = name
         now = self._clock.seconds()
