@@ -252,9 +252,35 @@ class TestUploadStyles:
         client.clear()
         client.send("PATCH", location, {"Content-Length": "100"})
         client.send_body(b"x" * 60)
-        client.disconnect()
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            client.disconnect()
+        finally:
+            globalLogPublisher.removeObserver(events.append)
         status = registry.client().request("GET", location)
         assert (status.status, status.headers["range"]) == (204, "0-59")
+        # A cancelled push is no internal error: one info line, no traceback.
+        assert [e for e in events if e.get("log_failure")] == []
+        gone = [e for e in events if "client went away" in (e.get("log_format") or "")]
+        assert [e["method"] for e in gone] == ["PATCH"]
+
+    def test_a_client_gone_mid_manifest_is_no_internal_error(self, registry):
+        client = registry.client()
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            client.send(
+                "PUT",
+                "/v2/local/app/manifests/1",
+                {"Content-Length": "100", "Content-Type": OCI_MANIFEST},
+            )
+            client.send_body(b"{")
+            client.disconnect()
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        assert [e for e in events if e.get("log_failure")] == []
+        assert registry.get("/v2/local/app/manifests/1").status == 404
 
     def test_uploads_in_progress_are_limited(self, registry):
         registry.uploads.max_uploads = 2

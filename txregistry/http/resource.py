@@ -28,7 +28,7 @@ from txregistry.http.lists import serve_listing
 from txregistry.http.manifests import serve_manifest
 from txregistry.http.push_access import TOKEN_PATH, PushAccess
 from txregistry.http.routing import Router, push_refused
-from txregistry.http.uploads import PushAPI, discard_body
+from txregistry.http.uploads import ClientGone, PushAPI, discard_body
 from txregistry.oci.errors import RegistryError
 from txregistry.ops.metrics import CONTENT_TYPE
 from txregistry.repository.interface import IRepository, Kind, Route
@@ -165,6 +165,14 @@ class RegistryResource(Resource):
         except RegistryError as e:
             discard_body(exchange)
             send_error(exchange, e)
+        except ClientGone as e:
+            self.log.info(
+                "client went away during {method} {path} ({reason}): an upload keeps"
+                " what arrived, for the client to resume or expire",
+                method=exchange.request.method.decode("ascii", "replace"),
+                path=exchange.request.path.decode("ascii", "replace")[:300],
+                reason=str(e),
+            )
 
     async def _serve(self, exchange: Exchange, route: Route) -> None:
         try:

@@ -66,6 +66,13 @@ def _range(upload: Upload) -> str:
     return f"0-{max(upload.received - 1, 0)}"
 
 
+class ClientGone(Exception):
+    """
+    The client's connection went before its request's body ended (a
+    cancelled push): nobody is left to answer, and it is no error of ours.
+    """
+
+
 class _BodyDone:
     """Waits for a request body to end, or for its connection to go."""
 
@@ -75,7 +82,7 @@ class _BodyDone:
 
     def _lost(self, failure: Failure) -> None:
         if not self.deferred.called:
-            self.deferred.errback(failure)
+            self.deferred.errback(ClientGone(failure.getErrorMessage()))
 
     def body_end(self) -> None:
         if not self.deferred.called:
