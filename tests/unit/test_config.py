@@ -695,3 +695,6 @@ class TestPushConfig:
         users.write_text("ci:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n")
         error = config_error(tmp_path, text)
         assert "server.push_users_file" in error and "htpasswd -B" in error
+        users.unlink()
+        error = config_error(tmp_path, text)
+        assert "server.push_users_file" in error and f"cannot read {str(users)!r}" in error

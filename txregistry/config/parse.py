@@ -264,8 +264,11 @@ def _credentials(table: _Table, environ: Mapping[str, str]) -> Credentials | Non
     )
 
 
-def _read_password_file(table: _Table, path: Path, key: str = "password_file") -> str:
-    where = table.where(key)
+def _read_private_file(where: str, path: Path) -> str:
+    """
+    The text of a file holding secrets, which only its owner may read: one
+    its group or others can read is refused, rather than used.
+    """
     try:
         mode = path.stat().st_mode
         if mode & 0o044:
@@ -274,9 +277,14 @@ def _read_password_file(table: _Table, path: Path, key: str = "password_file") -
                 f"{str(path)!r} is readable by its group or by other users"
                 f" (mode {stat.S_IMODE(mode):04o}): chmod 600 it",
             )
-        password = path.read_text().rstrip("\r\n")
+        return path.read_text()
     except OSError as e:
         raise ConfigError(where, f"cannot read {str(path)!r}: {e.strerror or e}") from None
+
+
+def _read_password_file(table: _Table, path: Path, key: str = "password_file") -> str:
+    where = table.where(key)
+    password = _read_private_file(where, path).rstrip("\r\n")
     if not password:
         raise ConfigError(where, f"{str(path)!r} is empty")
     return password
@@ -367,17 +375,7 @@ def _push_users(table: _Table, key: str) -> PushUsers | None:
     if path is None:
         return None
     where = table.where(key)
-    try:
-        mode = path.stat().st_mode
-        if mode & 0o044:
-            raise ConfigError(
-                where,
-                f"{str(path)!r} is readable by its group or by other users"
-                f" (mode {stat.S_IMODE(mode):04o}): chmod 600 it",
-            )
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(where, f"cannot read {str(path)!r}: {e.strerror or e}") from None
+    text = _read_private_file(where, path)
     hashes = []
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
