@@ -491,6 +491,17 @@ class TestManifests:
         )
         assert (response.status, response.json()["errors"][0]["code"]) == (400, code)
 
+    @pytest.mark.parametrize("opening", ["[", '{"a":'])
+    def test_a_manifest_nested_too_deeply_is_invalid(self, registry, opening):
+        closing = "]" if opening == "[" else "}"
+        body = (opening * 100_000 + "1" + closing * 100_000).encode()
+        response = registry.client().request(
+            "PUT", "/v2/local/app/manifests/1", body, {"Content-Type": OCI_MANIFEST}
+        )
+        assert response.status == 400
+        error = response.json()["errors"][0]
+        assert error["code"] == "MANIFEST_INVALID" and "nests too deeply" in error["message"]
+
     def test_a_manifest_over_4_mib_is_413(self, registry):
         body = b" " * ((4 << 20) + 1)
         response = tcp_like_client(registry).request(

@@ -86,6 +86,9 @@ def parse_pushed(body: bytes, content_type: str, tag: str | None) -> PushedManif
         document: Any = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise manifest_invalid(f"the manifest is not valid JSON: {e}") from None
+    except RecursionError:
+        # Within 4 MiB, "[[[[..." nests deeper than Python's parser recurses.
+        raise manifest_invalid("the manifest's JSON nests too deeply to be a manifest") from None
     if not isinstance(document, dict):
         raise manifest_invalid("the manifest is not a JSON object")
     declared = document.get("mediaType")
