@@ -794,6 +794,49 @@ class TestWhoMayPush:
             message = response.json()["errors"][0]["message"]
             assert "not base64 of USER:PASSWORD" in message and "None" not in message
 
+    @pytest.mark.parametrize("framing", ["length", "chunked"])
+    def test_a_token_request_with_a_large_body_is_refused_before_it_is_kept(
+        self, guarded, framing
+    ):
+        # Twisted would keep the whole body, then parse the form into memory.
+        client = tcp_like_client(guarded)
+        size = 10 << 20
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        headers.update(
+            {"Content-Length": str(size)}
+            if framing == "length"
+            else {"Transfer-Encoding": "chunked"}
+        )
+        client.send("POST", "/auth/token", headers)
+        response = client.response()
+        assert response.status == 413
+        assert response.json()["errors"][0]["code"] == "SIZE_INVALID"
+        chunk = b"username=" + b"a" * (1 << 20)
+        if framing == "chunked":
+            chunk = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+        client.send_body(chunk)
+        client.send_body(chunk)
+        # What was read past the answer was dropped, and the connection closed.
+        assert response.headers["connection"] == "close"
+        assert client.transport.disconnecting
+
+    def test_a_small_token_form_is_still_read(self, guarded):
+        form = b"grant_type=password&username=ci&password=s3cret-pw"
+        response = guarded.client().request(
+            "POST", "/auth/token", form, {"Content-Type": "application/x-www-form-urlencoded"}
+        )
+        assert response.status == 200
+
+    def test_a_long_user_name_is_not_echoed_whole(self, guarded):
+        name = "u" * 3000
+        headers = {"Authorization": basic(name, "x")}
+        for response in (
+            guarded.get("/auth/token", headers),
+            guarded.client().request("POST", "/v2/local/app/blobs/uploads/", b"", headers),
+        ):
+            assert response.status == 401
+            assert len(response.body) < 1000
+
     def test_pushes_to_a_pull_through_registry_are_denied_even_with_credentials(self, guarded):
         headers = {"Authorization": basic("ci", "s3cret-pw")}
         response = guarded.client().request("POST", "/v2/alpine/blobs/uploads/", b"", headers)

@@ -33,6 +33,11 @@ PENDING_LIMIT = 1 << 20
 DISCARD_LIMIT = 1 << 20
 
 _BODILESS = (b"GET", b"HEAD")
+# The largest body Twisted may keep for a request outside /v2/ (the token
+# realm's form, a few hundred bytes): Twisted holds a body whole and parses
+# a form of any size into memory.  A larger one, or one of unknown length,
+# is streamed instead, and refused (L{RegistryRequest.body_too_large}).
+SMALL_BODY_LIMIT = 64 << 10
 
 
 class BodyConsumer(Protocol):
@@ -174,7 +179,11 @@ class RegistryRequest(Request):
 
     def gotLength(self, length: int | None) -> None:
         line = getattr(self.channel, "request_line", None)
-        if line is None or line[0].upper() in _BODILESS or not line[1].startswith(b"/v2/"):
+        if line is None or line[0].upper() in _BODILESS:
+            super().gotLength(length)
+            return
+        small = length is not None and length <= SMALL_BODY_LIMIT
+        if not line[1].startswith(b"/v2/") and small:
             super().gotLength(length)
             return
         command, path, version = line
@@ -187,6 +196,15 @@ class RegistryRequest(Request):
         self.path, _, query = path.partition(b"?")
         self.args = parse_qs(query, keep_blank_values=True) if query else {}
         self.process()
+
+    @property
+    def body_too_large(self) -> bool:
+        """
+        Whether this is a request outside C{/v2/} whose body is streamed,
+        being larger than L{SMALL_BODY_LIMIT} or of unknown length: no such
+        request takes one.
+        """
+        return self.body is not None and not self.path.startswith(b"/v2/")
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.body is None:

@@ -174,7 +174,7 @@ class PushAccess:
             if await self.valid(user, password):
                 return user
             raise self.unauthorized(
-                request, f"wrong user name or password for user {user!r}", scope
+                request, f"wrong user name or password for user {user[:100]!r}", scope
             )
         raise self.unauthorized(request, login, scope)
 
@@ -213,12 +213,12 @@ class PushAccess:
                 self.log.info(
                     "refused a push token to {client}: wrong user name or password for {user!r}",
                     client=str(getattr(request.getClientAddress(), "host", "")),
-                    user=name,
+                    user=name[:100] if name else name,
                 )
                 message = (
                     _MALFORMED_BASIC
                     if name is None
-                    else f"wrong user name or password for user {name!r}"
+                    else f"wrong user name or password for user {name[:100]!r}"
                 )
                 body = RegistryError(401, "UNAUTHORIZED", message).body()
                 return 401, json.loads(body), {"WWW-Authenticate": f'Basic realm="{SERVICE}"'}

@@ -23,6 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from txregistry.http.blobs import send_blob
+from txregistry.http.bodies import SMALL_BODY_LIMIT
 from txregistry.http.exchange import Exchange, Finished, error_now, json_answer, send_error
 from txregistry.http.lists import serve_listing
 from txregistry.http.manifests import serve_manifest
@@ -100,6 +101,16 @@ class RegistryResource(Resource):
             request.responseHeaders.setRawHeaders(b"Content-Type", [CONTENT_TYPE.encode()])
             return self._metrics()
         request.responseHeaders.setRawHeaders(b"Docker-Distribution-API-Version", [b"registry/2.0"])
+        if getattr(request, "body_too_large", False):
+            return error_now(
+                request,
+                RegistryError(
+                    413,
+                    "SIZE_INVALID",
+                    f"a request body outside /v2/ is at most {SMALL_BODY_LIMIT} bytes,"
+                    " with a Content-Length (a token request's form is far smaller)",
+                ),
+            )
         if path == TOKEN_PATH and self._access is not None and request.method in (b"GET", b"POST"):
             exchange.kind = "token"
             Deferred.fromCoroutine(self._token(exchange, self._access)).addErrback(
