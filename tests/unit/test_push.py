@@ -282,6 +282,19 @@ class TestUploadStyles:
         assert [e for e in events if e.get("log_failure")] == []
         assert registry.get("/v2/local/app/manifests/1").status == 404
 
+    def test_a_single_post_cut_short_is_dropped_at_once(self, registry):
+        # Its id was never sent, so only expiry could end it otherwise.
+        client = registry.client()
+        digest = digest_of(b"x" * 100)
+        client.send(
+            "POST", f"/v2/local/app/blobs/uploads/?digest={digest}", {"Content-Length": "100"}
+        )
+        client.send_body(b"x" * 60)
+        assert len(registry.uploads) == 1
+        client.disconnect()
+        assert len(registry.uploads) == 0
+        assert staged_files(registry) == []
+
     def test_uploads_in_progress_are_limited(self, registry):
         registry.uploads.max_uploads = 2
         client = registry.client()

@@ -216,7 +216,14 @@ class PushAPI:
         if digest_text:
             digest = Digest.parse(digest_text)
             upload = self.uploads.start(route, digest.algorithm)
-            await self._receive(exchange, upload)
+            try:
+                await self._receive(exchange, upload)
+            except BaseException:
+                # The client never learnt this upload's id, so nothing can
+                # resume it: it would only hold a staged file (and one of
+                # the uploads allowed) until it expired.
+                self.uploads.drop(upload)
+                raise
             await self._finish(exchange, upload, digest, target)
             return
         discard_body(exchange)
