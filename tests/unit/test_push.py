@@ -808,9 +808,7 @@ class TestWhoMayPush:
             assert "not base64 of USER:PASSWORD" in message and "None" not in message
 
     @pytest.mark.parametrize("framing", ["length", "chunked"])
-    def test_a_token_request_with_a_large_body_is_refused_before_it_is_kept(
-        self, guarded, framing
-    ):
+    def test_a_token_request_with_a_large_body_is_refused_before_it_is_kept(self, guarded, framing):
         # Twisted would keep the whole body, then parse the form into memory.
         client = tcp_like_client(guarded)
         size = 10 << 20

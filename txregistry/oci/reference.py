@@ -123,7 +123,8 @@ def validate_name(name: str) -> str:
     return name
 
 
-_DOMAIN_NAME = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+_DOMAIN_COMPONENT = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_DOMAIN_NAME = rf"{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*"
 _OPTIONAL_PORT = r"(?::\d{1,5})?"
 # A registry host name with an optional port (distribution's reference.domainAndPort,
 # without its IPv6 literals, which cannot name a registry in a path or the config).
