@@ -848,6 +848,19 @@ class TestWhoMayPush:
             assert response.status == 401
             assert len(response.body) < 1000
 
+    def test_a_password_longer_than_bcrypt_reads_is_checked_as_htpasswd_does(self, tmp_path):
+        # htpasswd -B hashes the first 72 bytes, and htpasswd -v checks those.
+        long_password = "p" * 80
+        hashed = bcrypt.hashpw(long_password[:72].encode(), bcrypt.gensalt(4)).decode()
+        users = PushUsers(tmp_path / "push.htpasswd", (("ci", Secret(hashed)),))
+        registry = MemoryRegistry(
+            tmp_path, registries=[HUB, LOCAL], server=ServerConfig(push_users=users)
+        )
+        good = registry.get("/auth/token", {"Authorization": basic("ci", long_password)})
+        assert good.status == 200
+        bad = registry.get("/auth/token", {"Authorization": basic("ci", "q" * 80)})
+        assert bad.status == 401
+
     def test_pushes_to_a_pull_through_registry_are_denied_even_with_credentials(self, guarded):
         headers = {"Authorization": basic("ci", "s3cret-pw")}
         response = guarded.client().request("POST", "/v2/alpine/blobs/uploads/", b"", headers)

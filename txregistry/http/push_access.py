@@ -261,12 +261,18 @@ class PushAccess:
         return claims
 
 
+_BCRYPT_PASSWORD_BYTES = 72
+
+
 def _check_password(password: bytes, hashed: bytes) -> bool:
     # htpasswd -B writes $2y$, which is $2b$ under another name.
     if hashed.startswith(b"$2y$"):
         hashed = b"$2b$" + hashed[4:]
     try:
-        return bcrypt.checkpw(password, hashed)
+        # bcrypt reads 72 bytes of a password, and htpasswd -B hashed (and
+        # htpasswd -v checks) those; bcrypt 5 refuses a longer one instead,
+        # which would lock out a user with a long password.
+        return bcrypt.checkpw(password[:_BCRYPT_PASSWORD_BYTES], hashed)
     except ValueError:
         return False
 
