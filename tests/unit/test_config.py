@@ -660,6 +660,10 @@ class TestPushConfig:
         [
             ('hosted = true\nmirrors = ["https://r.example"]', "hosted", "has no mirrors"),
             ("hosted = true\npush = true", "push", "takes pushes itself"),
+            ('hosted = true\npush_chunk_size = "20MiB"', "push_chunk_size", "has none"),
+            ('hosted = true\nusername = "ci"', "username", "has none"),
+            ('hosted = true\nca_file = "/etc/ca.pem"', "ca_file", "has none"),
+            ("hosted = true\noffline = true", "offline", "has none"),
             (
                 'push = true\nmirrors = [{ url = "https://r.example", resolve_tags = false }]',
                 "push",

@@ -346,6 +346,33 @@ def _check_hosted(table: _Table, mirrors: tuple[MirrorConfig, ...], push: bool) 
             table.where("push"),
             "push = true is push-through to mirrors; a hosted registry takes pushes itself",
         )
+    for key in _UPSTREAM_ONLY_KEYS:
+        if key in table:
+            raise ConfigError(
+                table.where(key),
+                "is about fetching from or pushing to mirrors, and a hosted registry has none:"
+                " remove it, or hosted for a pull-through cache",
+            )
+
+
+# Keys that only a registry with mirrors can use.
+_UPSTREAM_ONLY_KEYS = (
+    "push_chunk_size",
+    "username",
+    "username_env",
+    "password_file",
+    "password_env",
+    "ca_file",
+    "insecure",
+    "offline",
+    "address_family",
+    "proxy",
+    "no_proxy",
+    "connect_timeout",
+    "response_timeout",
+    "segments",
+    "segments_above",
+)
 
 
 def _push_chunk_size(value: Any) -> int:
