@@ -189,6 +189,26 @@ class TestUploadStyles:
         assert response.status == 400
         assert "Content-Length" in response.json()["errors"][0]["message"]
 
+    def test_a_chunked_body_longer_than_its_content_range_is_refused(self, registry):
+        client = registry.client()
+        location = post(client)
+        client.clear()
+        client.send("PATCH", location, {"Transfer-Encoding": "chunked", "Content-Range": "0-99"})
+        client.send_body(b"%x\r\n%s\r\n" % (60, b"x" * 60))
+        client.send_body(b"%x\r\n%s\r\n" % (60, b"y" * 60))
+        response = client.response()
+        assert response.status == 400
+        assert response.headers["range"] == "0-59"
+        assert "longer than its Content-Range" in response.json()["errors"][0]["message"]
+        # Nothing past the range was kept: the upload goes on from byte 60.
+        client = registry.client()
+        assert client.request("GET", location).headers["range"] == "0-59"
+        rest = b"z" * 40
+        response = client.request("PATCH", location, rest, {"Content-Range": "60-99"})
+        assert response.headers["range"] == "0-99"
+        data = b"x" * 60 + rest
+        assert client.request("PUT", f"{location}?digest={digest_of(data)}").status == 201
+
     def test_delete_cancels_an_upload(self, registry):
         client = registry.client()
         location = post(client)

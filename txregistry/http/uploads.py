@@ -92,14 +92,41 @@ class _BodyDone:
 class _UploadSink(_BodyDone):
     """Appends a body to an upload, pausing the client while the disk is behind."""
 
-    def __init__(self, exchange: Exchange, uploads: Uploads, upload: Upload, body: StreamedBody):
+    def __init__(
+        self,
+        exchange: Exchange,
+        uploads: Uploads,
+        upload: Upload,
+        body: StreamedBody,
+        ends_at: int | None = None,
+    ):
+        """
+        @param ends_at: where the upload must end with this body, from its
+            C{Content-Range}: a chunked body that goes past it is refused
+            before a byte beyond it is kept.
+        """
         super().__init__(exchange)
         self._uploads = uploads
         self._upload = upload
         self._body = body
+        self._ends_at = ends_at
         self._waiting = False
 
     def body_data(self, data: bytes) -> None:
+        if self.deferred.called:
+            return
+        if self._ends_at is not None and self._upload.received + len(data) > self._ends_at:
+            self.deferred.errback(
+                RegistryError(
+                    400,
+                    "BLOB_UPLOAD_INVALID",
+                    f"the chunk is longer than its Content-Range, which ends at byte"
+                    f" {self._ends_at - 1}: upload {self._upload.id} kept its first"
+                    f" {self._upload.received} bytes; send the rest from there",
+                    headers={"Range": _range(self._upload)},
+                )
+            )
+            return
         self._uploads.append(self._upload, data)
         if not self._waiting and self._behind() > _BEHIND_LIMIT:
             self._waiting = True
@@ -234,8 +261,8 @@ class PushAPI:
         self._status(exchange, upload, 202)
 
     async def _patch(self, exchange: Exchange, upload: Upload) -> None:
-        self._check_range(exchange, upload)
-        await self._receive(exchange, upload)
+        ends_at = self._check_range(exchange, upload)
+        await self._receive(exchange, upload, ends_at)
         self._status(exchange, upload, 202)
 
     async def _put(self, exchange: Exchange, upload: Upload, target: IPushTarget) -> None:
@@ -246,18 +273,22 @@ class PushAPI:
         if upload.busy:
             raise _upload_busy(upload)
         body = _body(exchange)
+        ends_at = None
         if body.length != 0:
-            self._check_range(exchange, upload)
-        await self._receive(exchange, upload)
+            ends_at = self._check_range(exchange, upload)
+        await self._receive(exchange, upload, ends_at)
         await self._finish(exchange, upload, digest, target)
 
-    def _check_range(self, exchange: Exchange, upload: Upload) -> None:
-        """A chunk must start where the upload ends: else 416, with where that is."""
+    def _check_range(self, exchange: Exchange, upload: Upload) -> int | None:
+        """
+        A chunk must start where the upload ends: else 416, with where that
+        is.  Returns where its C{Content-Range} says the upload then ends.
+        """
         if upload.busy:
             raise _upload_busy(upload)
         header = exchange.request.getHeader(b"content-range")
         if header is None:
-            return
+            return None
         match = _CONTENT_RANGE_RE.fullmatch(header.decode("latin-1").strip())
         if match is None:
             raise RegistryError(
@@ -280,13 +311,16 @@ class PushAPI:
                 f"Content-Range {start}-{end} is {end - start + 1} bytes,"
                 f" but Content-Length is {length}",
             )
+        return end + 1
 
-    async def _receive(self, exchange: Exchange, upload: Upload) -> None:
+    async def _receive(
+        self, exchange: Exchange, upload: Upload, ends_at: int | None = None
+    ) -> None:
         """Append the request's body to C{upload}, as it arrives."""
         body = _body(exchange)
         upload.busy = True
         self.uploads.touch(upload)
-        sink = _UploadSink(exchange, self.uploads, upload, body)
+        sink = _UploadSink(exchange, self.uploads, upload, body, ends_at)
         body.attach(sink)
         try:
             await sink.deferred
