@@ -886,3 +886,74 @@ class TestWhoMayPush:
         response = guarded.client().request("POST", "/v2/alpine/blobs/uploads/", b"", headers)
         assert response.status == 403
         assert guarded.upstream.seen == []
+
+
+class TestEarlyAnswers:
+    """
+    An answer given from a request's headers alone (a 401 before a token)
+    to a body that is short: containerd retries a 401'd manifest PUT and
+    needs the first body to have been taken (issue 12, see bodies.py).
+    """
+
+    CREDENTIALS = {"Authorization": basic("ci", "s3cret-pw")}
+
+    @pytest.fixture
+    def guarded(self, tmp_path):
+        hashed = bcrypt.hashpw(b"s3cret-pw", bcrypt.gensalt(4)).decode()
+        users = PushUsers(tmp_path / "push.htpasswd", (("ci", Secret(hashed)),))
+        return MemoryRegistry(
+            tmp_path, registries=[HUB, LOCAL], server=ServerConfig(push_users=users)
+        )
+
+    def manifest(self, registry: MemoryRegistry) -> bytes:
+        """A manifest whose blobs are pushed already, as ctr finds them."""
+        digests = []
+        for data in (b"{}", os.urandom(3000)):
+            digest = digest_of(data)
+            response = registry.client().request(
+                "POST", f"/v2/local/app/blobs/uploads/?digest={digest}", data, self.CREDENTIALS
+            )
+            assert response.status == 201, response.body
+            digests.append(digest)
+        return image_manifest(digests[0], [(digests[1], 3000)])
+
+    def test_a_401_to_a_manifest_put_waits_for_its_body_and_keeps_the_connection(self, guarded):
+        body = self.manifest(guarded)
+        client = tcp_like_client(guarded)
+        headers = {"Content-Type": OCI_MANIFEST, "Content-Length": str(len(body))}
+        # containerd sends the headers, then the body from a pipe.
+        client.send("PUT", "/v2/local/app/manifests/1", headers)
+        assert client.transport.value() == b""
+        client.send_body(body[:100])
+        assert client.transport.value() == b""
+        client.send_body(body[100:])
+        refused = client.response()
+        assert refused.status == 401
+        assert refused.json()["errors"][0]["code"] == "UNAUTHORIZED"
+        assert refused.headers["www-authenticate"].startswith("Bearer ")
+        assert "connection" not in refused.headers
+        assert not client.transport.disconnecting
+        # The retry, with credentials and the body again, on the same connection.
+        client.clear()
+        client.send("PUT", "/v2/local/app/manifests/1", {**headers, **self.CREDENTIALS})
+        client.send_body(body)
+        assert client.response().status == 201
+        assert guarded.get("/v2/local/app/manifests/1").body == body
+
+    def test_a_client_gone_before_the_body_leaves_no_answer_to_send(self, guarded):
+        client = tcp_like_client(guarded)
+        client.send("PUT", "/v2/local/app/manifests/1", {"Content-Length": "900"})
+        client.send_body(b"{")
+        client.disconnect()
+        assert client.transport.value() == b""
+        assert guarded.get("/v2/local/app/manifests/1").status == 404
+
+    def test_a_chunked_body_is_answered_at_once_and_the_connection_closes(self, guarded):
+        # Its length is unknown: it could be anything up to 4 MiB.
+        client = tcp_like_client(guarded)
+        client.send("PUT", "/v2/local/app/manifests/1", {"Transfer-Encoding": "chunked"})
+        response = client.response()
+        assert response.status == 401
+        assert response.headers["connection"] == "close"
+        client.send_body(b"3\r\n{}\n\r\n0\r\n\r\n")
+        assert client.transport.disconnecting

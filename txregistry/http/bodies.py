@@ -10,10 +10,16 @@ in, and hands the body to whoever the resource attaches to its
 L{StreamedBody}, with flow control: reading from the client pauses while
 the consumer is behind.
 
-An answer sent before the whole body arrived (an error, a refusal) closes
-the connection once up to L{DISCARD_LIMIT} more bytes have been read and
-dropped, as Go's HTTP server does, so that the client sees the answer
-rather than a reset.
+An answer given before the whole body arrived (an error, a refusal) is
+held until the body is in when at most L{HOLD_LIMIT} bytes of it are still
+to come, and the connection stays open, as Go's HTTP server does: the body
+is read and dropped first.  A client that answers a 401 by sending the
+request again needs that: containerd writes a manifest PUT's body through
+a pipe, and an answer that arrives while the body is still being written
+leaves its retry without a body (issue 12).  A longer body, or one the
+client waits for a C{100 Continue} to send, is answered at once, and the
+connection closes once up to L{DISCARD_LIMIT} more bytes have been read
+and dropped, so that the client sees the answer rather than a reset.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ from zope.interface import implementer
 PENDING_LIMIT = 1 << 20
 # How much of a body is read and dropped after an early answer.
 DISCARD_LIMIT = 1 << 20
+# How much of a body may still be to come for an early answer to wait for
+# it (Go's net/http server: maxPostHandlerReadBytes).
+HOLD_LIMIT = 256 << 10
 
 _BODILESS = (b"GET", b"HEAD")
 # The largest body Twisted may keep for a request outside /v2/ (the token
@@ -176,6 +185,10 @@ class RegistryRequest(Request):
     """
 
     body: StreamedBody | None = None
+    # An early answer held until the body is in: what was written, and
+    # whether the resource has finished it.
+    _held: list[bytes] | None = None
+    _held_finish = False
 
     def gotLength(self, length: int | None) -> None:
         line = getattr(self.channel, "request_line", None)
@@ -218,12 +231,39 @@ class RegistryRequest(Request):
             return
         self.body.end()
         self.queued = False
-        if self.finished and self.channel is not None:
+        if self._held is not None:
+            self._release()
+        elif self.finished and self.channel is not None:
             self._cleanup()
 
+    def _may_hold(self, body: StreamedBody) -> bool:
+        """Whether an early answer should wait for the rest of C{body}."""
+        if body.length is None or body.length - body.received > HOLD_LIMIT:
+            return False
+        # The client sends no body before our "100 Continue", which an
+        # early answer replaces (RegistryChannel._send100Continue).
+        return not self.requestHeaders.hasHeader(b"Expect")
+
+    def _release(self) -> None:
+        """The body is in: send the held answer, on a connection that stays open."""
+        held, self._held = self._held or [], None
+        if self._disconnected:
+            return
+        for data in held:
+            super().write(data)
+        if self._held_finish:
+            super().finish()
+
     def write(self, data: bytes) -> None:
+        if self._held is not None:
+            self._held.append(data)
+            return
         body = self.body
         if body is not None and not body.ended and not self.startedWriting:
+            if self._may_hold(body):
+                self._held = [data]
+                body.discard()
+                return
             # Answered before the body arrived: the connection closes after
             # the answer, since the rest of the body will not be read.
             self.responseHeaders.setRawHeaders(b"Connection", [b"close"])
@@ -233,7 +273,12 @@ class RegistryRequest(Request):
 
     def finish(self) -> None:
         body = self.body
-        if body is not None and not body.ended and not self.finished:
+        if body is not None and not body.ended and not self.finished and not self._disconnected:
+            if self._held is None and not self.startedWriting and self._may_hold(body):
+                self.write(b"")
+            if self._held is not None:
+                self._held_finish = True
+                return
             if not self.startedWriting:
                 self.write(b"")
             super().finish()
