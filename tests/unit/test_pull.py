@@ -181,6 +181,40 @@ class TestBlobs:
         other = registry.get(f"/v2/other/repo/blobs/{digest}")
         assert (other.body, other.headers["x-cache"]) == (blob, "HIT")
 
+    def test_a_fill_that_ends_during_a_slow_storage_lookup_is_not_fetched_again(self, registry):
+        """
+        A lookup held up (a bucket that retries) while another client's
+        fill starts and commits: there is no fill left to follow when the
+        lookup misses, and the blob is served from storage, not fetched again.
+        """
+        from twisted.internet.defer import Deferred
+
+        blob = os.urandom(300_000)
+        digest = registry.upstream.add_blob(blob)
+        storage = registry.storage
+        real_open = storage.open_blob
+        held: list[Deferred] = []
+
+        def open_blob(wanted, touch=True):
+            if not held:
+                slow: Deferred = Deferred()
+                held.append(slow)
+                return slow
+            return real_open(wanted, touch)
+
+        storage.open_blob = open_blob
+        slow_client = registry.client()
+        slow_client.send("GET", f"/v2/library/alpine/blobs/{digest}")
+        assert held and slow_client.transport.value() == b""
+        other = registry.get(f"/v2/library/alpine/blobs/{digest}")
+        assert (other.status, other.body, other.headers["x-cache"]) == (200, blob, "MISS")
+        held[0].callback(None)  # the slow lookup missed
+        registry.pump()
+        slow = slow_client.response()
+        assert (slow.status, slow.body, slow.complete) == (200, blob, True)
+        assert slow.headers["x-cache"] == "HIT"
+        assert len(registry.upstream.requests("GET", "/blobs/")) == 1
+
     def test_head_miss_and_hit(self, registry):
         digest = registry.upstream.add_blob(b"x" * 1000)
         head = registry.head(f"/v2/alpine/blobs/{digest}")

@@ -53,6 +53,8 @@ class BlobFills:
         self._fills: dict[Digest, BlobFill] = {}
         self._starts: SingleFlight[Digest, BlobFill | None] = SingleFlight()
         self.followers = 0
+        # Digests someone is looking up in storage: [lookups, fills committed].
+        self._looking: dict[Digest, list[int]] = {}
 
     def __len__(self) -> int:
         return len(self._fills)
@@ -73,6 +75,26 @@ class BlobFills:
         if joining:
             self.followers += 1
         return BlobFilling(fill.acquire())
+
+    def looking(self, digest: Digest) -> Callable[[], bool]:
+        """
+        A storage lookup of C{digest} begins; the function returned ends it,
+        and says whether a fill of C{digest} was committed meanwhile.  A
+        lookup can be slow (a bucket that retries), and a fill that started
+        and finished within it is no longer there to follow: without this
+        the miss would fetch the blob from the upstream again.
+        """
+        entry = self._looking.setdefault(digest, [0, 0])
+        entry[0] += 1
+        commits = entry[1]
+
+        def ended() -> bool:
+            entry[0] -= 1
+            if entry[0] == 0 and self._looking.get(digest) is entry:
+                del self._looking[digest]
+            return entry[1] > commits
+
+        return ended
 
     def start_once(
         self, digest: Digest, start: Callable[[], Awaitable[BlobFill | None]]
@@ -156,7 +178,13 @@ class BlobFills:
         if not fill.cacheable:
             self._done_with(None, fill)
             return
-        fill.commit().addCallback(self._done_with, fill)
+        fill.commit().addCallback(self._committed, fill)
+
+    def _committed(self, _: object, fill: BlobFill) -> None:
+        entry = self._looking.get(fill.digest)
+        if entry is not None:
+            entry[1] += 1
+        self._done_with(None, fill)
 
     def _done_with(self, _: object, fill: BlobFill) -> None:
         """Stop handing out a fill: new requests go to storage."""

@@ -330,13 +330,22 @@ class PullThroughCache:
         following = self.fills.follow(digest, joining=True)
         if following is not None:
             return following
-        stored = await self.storage.open_blob(digest)
+        ended = self.fills.looking(digest)
+        try:
+            stored = await self.storage.open_blob(digest)
+        finally:
+            filled = ended()
         if stored is not None:
             return BlobHit(stored)
-        # A download may have started while we looked in storage.
+        # A download may have started while we looked in storage, or even
+        # finished: then storage has it now.
         following = self.fills.follow(digest, joining=True)
         if following is not None:
             return following
+        if filled:
+            stored = await self.storage.open_blob(digest)
+            if stored is not None:
+                return BlobHit(stored)
         if head:
             response = await self.upstream(route).head_blob(
                 route.repository, digest, f"blob {route.describe()}", _from_peer(route)
