@@ -154,6 +154,10 @@ class S3Storage:
         self._probe_call: IDelayedCall | None = None
         # Uploads in progress, so that a stop can wait for none and tests can watch.
         self.uploads: set[_Upload] = set()
+        # Blobs being read from the bucket, so that requests for one at once
+        # share one GET (single flight); and how many shared another's.
+        self._bucket_reads: dict[Digest, _BucketLookup] = {}
+        self.bucket_read_joins = 0
 
     # State.
 
@@ -318,6 +322,37 @@ class S3Storage:
         if local is not None:
             self._touch(BLOB, str(digest))
             return local
+        lookup = self._bucket_reads.get(digest)
+        if lookup is not None:
+            # Another request is reading it from the bucket: share its
+            # download rather than make a second GET.
+            read = await lookup.result()
+            if read is None or not read.share():
+                return None
+            self.bucket_read_joins += 1
+            return StoredBlob(read, read.size)
+        lookup = _BucketLookup()
+        self._bucket_reads[digest] = lookup
+        read = None
+        try:
+            read = await self._read_from_bucket(digest)
+        finally:
+            lookup.found(read)
+            if read is None or read.ended:
+                self._read_ended(digest, lookup)
+            else:
+                read.on_end = lambda: self._read_ended(digest, lookup)
+        if read is None:
+            return None
+        self._touch(BLOB, str(digest))
+        return StoredBlob(read, read.size)
+
+    def _read_ended(self, digest: Digest, lookup: _BucketLookup) -> None:
+        """New requests for C{digest} look in the local tier (and the bucket) again."""
+        if self._bucket_reads.get(digest) is lookup:
+            del self._bucket_reads[digest]
+
+    async def _read_from_bucket(self, digest: Digest) -> BucketRead | None:
         key = object_key(self.prefix, BLOB, str(digest))
         response = await self._in_bucket(lambda: self.client.get_object(key))
         if response is None:
@@ -336,8 +371,7 @@ class S3Storage:
         assert isinstance(staged, StagedFile)
         source = BucketRead(self, digest, key, size, staged)
         response.deliverBody(source.receiver())
-        self._touch(BLOB, str(digest))
-        return StoredBlob(source, size)
+        return source
 
     async def _bucket_blob_arrived(self, read: BucketRead) -> None:
         """A blob from the bucket is all on local disk: verify it, then keep it or drop it."""
@@ -722,6 +756,21 @@ class BucketRead:
         self._references = 2
         self._closed = False
         self._watching = False
+        # Told once, when the read has completed or failed.
+        self.on_end: Callable[[], None] = lambda: None
+        self.ended = False
+
+    def share(self) -> bool:
+        """One more request serves this read, if it is still usable: whether it is."""
+        if self._closed or self._failure is not None or self.ended:
+            return False
+        self._references += 1
+        return True
+
+    def _end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.on_end()
 
     def receiver(self) -> _IntoStaged:
         done: Deferred[int] = Deferred()
@@ -810,8 +859,33 @@ class BucketRead:
         self._notify()
 
     def _notify(self) -> None:
+        if self._complete or self._failure is not None:
+            self._end()
         for reader in list(self._readers):
             reader.more_data()
+
+
+class _BucketLookup:
+    """A GET of a blob from the bucket under way: what it found, for those who wait."""
+
+    def __init__(self) -> None:
+        self._done = False
+        self._read: BucketRead | None = None
+        self._waiting: list[Deferred[BucketRead | None]] = []
+
+    def result(self) -> Deferred[BucketRead | None]:
+        waiting: Deferred[BucketRead | None] = Deferred()
+        if self._done:
+            waiting.callback(self._read)
+        else:
+            self._waiting.append(waiting)
+        return waiting
+
+    def found(self, read: BucketRead | None) -> None:
+        self._done, self._read = True, read
+        waiting, self._waiting = self._waiting, []
+        for each in waiting:
+            each.callback(read)
 
 
 class _Upload:
