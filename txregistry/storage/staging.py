@@ -8,9 +8,10 @@ clients that follow a download.
 
 Hashing (SHA-256 runs at about 2 GB/s on one core) and copying into the
 page cache are most of what a cold miss costs.  Both release the GIL, so
-L{ThreadSpool} does them on threads of their own: the reactor thread goes
-on receiving from the upstream and sending to clients while the hash and
-the disk write run beside it (bench/RESULTS.md has the figures).
+L{ThreadSpool} does them on a thread of its own, a batch of chunks at a
+time: the reactor thread goes on receiving from the upstream and sending
+to clients while the hash and the disk write run beside it
+(bench/RESULTS.md has the figures).
 L{InlineSpool} does the same work on the caller's thread, at once, for
 in-memory tests that drive the reactor by hand.
 
@@ -137,18 +138,26 @@ class _OnDisk:
     """Bytes a segment already wrote in place: the writer only moves past them."""
 
     size: int
+    data: bytes = b""
 
 
 class ThreadSpool:
     """
-    Writes on one thread and hashes on another, each living as long as the
-    download, so that a slow disk and the hash overlap rather than add up.
+    Writes and hashes on one thread of its own, living as long as the
+    download, in batches: the reactor hands it the chunks it receives a
+    batch at a time (L{BATCH} bytes, or fewer when someone waits for
+    progress), and the thread writes each chunk and hashes it while it is
+    still in the CPU's cache, then reports progress once for the batch.
+    One thread and one hand-off a batch cost less CPU than a thread each
+    for the hash and the write with a hand-off a chunk (bench/RESULTS.md).
     C{call_in_reactor} is the reactor's C{callFromThread}.
 
     L{written} counts the bytes that are both in the file and hashed: the
-    fill keeps every other byte in memory, which bounds what the two queues
-    can hold.
+    fill keeps every other byte in memory, which bounds what the queue and
+    the batch being filled can hold.
     """
+
+    BATCH = 1 << 20
 
     def __init__(
         self, fd: int, hasher: Hasher, call_in_reactor: Callable[..., None], name: str = ""
@@ -156,33 +165,30 @@ class ThreadSpool:
         self._fd = os.dup(fd)
         self._hasher = hasher
         self._call_in_reactor = call_in_reactor
-        self._to_write: SimpleQueue[Any] = SimpleQueue()
-        self._to_hash: SimpleQueue[Any] = SimpleQueue()
+        self._queue: SimpleQueue[Any] = SimpleQueue()
+        # The batch being filled, in the reactor thread.
+        self._batch: list[bytes | _OnDisk] = []
+        self._batch_size = 0
         self._lock = threading.Lock()
-        # Changed by the spool threads, under the lock; read by the reactor.
+        # Changed by the spool thread, under the lock; read by the reactor.
         self.written = 0
         self.failure: OSError | None = None
-        self._on_disk = 0
-        self._hashed = 0
         self._waiting: Callable[[], None] | None = None
         self._abandoned = False
         self._broken: Failure | None = None
-        self._digest: str | None = None
         self._closed: Deferred[str] = Deferred()
-        self._running = 2
         label = f"txregistry spool {name}".strip()
-        self._threads = [
-            threading.Thread(target=self._write_queued, name=f"{label} writer", daemon=True),
-            threading.Thread(target=self._hash_queued, name=f"{label} hasher", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._threads = [threading.Thread(target=self._spool_queued, name=label, daemon=True)]
+        self._threads[0].start()
 
     def append(self, data: bytes, on_disk: bool = False) -> None:
-        self._to_write.put(_OnDisk(len(data)) if on_disk else data)
-        self._to_hash.put(data)
+        self._batch.append(_OnDisk(len(data), data) if on_disk else data)
+        self._batch_size += len(data)
+        if self._batch_size >= self.BATCH or self._waiting is not None:
+            self._hand_over()
 
     def wake_on_progress(self, seen: int, callback: Callable[[], None]) -> None:
+        self._hand_over()
         with self._lock:
             if self.written == seen and self.failure is None:
                 self._waiting = callback
@@ -190,59 +196,70 @@ class ThreadSpool:
         callback()
 
     def close(self) -> Deferred[str]:
-        self._to_write.put(_CLOSE)
-        self._to_hash.put(_CLOSE)
+        self._hand_over()
+        self._queue.put(_CLOSE)
         return self._closed
 
     def abandon(self) -> None:
         self._abandoned = True
+        self._batch = []
         self.close()
 
     def join(self, timeout: float) -> None:
-        """Wait for both threads to end (for tests)."""
+        """Wait for the thread to end (for tests)."""
         for thread in self._threads:
             thread.join(timeout)
 
-    # The spool threads.
+    def _hand_over(self) -> None:
+        if self._batch:
+            self._queue.put(self._batch)
+            self._batch, self._batch_size = [], 0
 
-    def _write_queued(self) -> None:
-        while True:
-            item = self._to_write.get()
-            if self._abandoned or item is _CLOSE:
-                break
-            if self.failure is None and isinstance(item, _OnDisk):
-                os.lseek(self._fd, item.size, os.SEEK_CUR)
-                self._progress(on_disk=item.size)
-            elif self.failure is None:
-                try:
-                    written, failure = _write_all(self._fd, item)
-                except BaseException as e:
-                    self._break(e)
-                else:
-                    self._progress(on_disk=written, failure=failure)
-        os.close(self._fd)
-        self._thread_done()
+    # The spool thread.
 
-    def _hash_queued(self) -> None:
+    def _spool_queued(self) -> None:
+        digest: str | None = None
         while True:
-            item = self._to_hash.get()
+            batch = self._queue.get()
             if self._abandoned:
                 break
-            if item is _CLOSE:
+            if batch is _CLOSE:
                 if self._broken is None:
                     try:
-                        self._digest = self._hasher.hexdigest()
+                        digest = self._hasher.hexdigest()
                     except BaseException as e:
                         self._break(e)
                 break
             if self._broken is None:
                 try:
-                    self._hasher.update(item)
+                    self._spool(batch)
                 except BaseException as e:
                     self._break(e)
-                else:
-                    self._progress(hashed=len(item))
-        self._thread_done()
+        os.close(self._fd)
+        if self._abandoned:
+            return
+        if self._broken is not None:
+            self._call_in_reactor(self._closed.errback, self._broken)
+        else:
+            self._call_in_reactor(self._closed.callback, digest)
+
+    def _spool(self, batch: list[bytes | _OnDisk]) -> None:
+        """Write and hash each chunk of C{batch}, in order; report progress once."""
+        on_disk = 0
+        failure = self.failure
+        for item in batch:
+            if isinstance(item, _OnDisk):
+                data = item.data
+                if failure is None:
+                    os.lseek(self._fd, item.size, os.SEEK_CUR)
+                    on_disk += item.size
+            else:
+                data = item
+                if failure is None:
+                    written, failure = _write_all(self._fd, data)
+                    on_disk += written
+            self._hasher.update(data)
+        self._progress(on_disk, failure)
 
     def _break(self, error: BaseException) -> None:
         """
@@ -252,31 +269,18 @@ class ThreadSpool:
         broken = Failure()
         with self._lock:
             self._broken = self._broken or broken
-        self._progress(failure=OSError(errno.EIO, f"cannot spool the download: {error}"))
+        self._progress(0, OSError(errno.EIO, f"cannot spool the download: {error}"))
 
-    def _progress(self, on_disk: int = 0, hashed: int = 0, failure: OSError | None = None) -> None:
+    def _progress(self, on_disk: int, failure: OSError | None) -> None:
         with self._lock:
-            self._on_disk += on_disk
-            self._hashed += hashed
+            # Once writing has failed, bytes are hashed but no longer written.
+            self.written += on_disk
             self.failure = self.failure or failure
-            written = min(self._on_disk, self._hashed)
-            if written == self.written and failure is None:
+            if not on_disk and failure is None:
                 return
-            self.written = written
             waiting, self._waiting = self._waiting, None
         if waiting is not None:
             self._call_in_reactor(waiting)
-
-    def _thread_done(self) -> None:
-        with self._lock:
-            self._running -= 1
-            if self._running or self._abandoned:
-                return
-            broken, digest = self._broken, self._digest
-        if broken is not None:
-            self._call_in_reactor(self._closed.errback, broken)
-        else:
-            self._call_in_reactor(self._closed.callback, digest)
 
 
 def threaded_spools(reactor: IReactorThreads) -> SpoolFactory:
