@@ -118,7 +118,7 @@ def _warm(f: _Figures, number: int, kind: str, clients: str) -> list[Line]:
 def _throttled(f: _Figures, sizes: Sizes) -> list[Line]:
     rate = sizes.throttle_rate
     s = (
-        f"10. Cold, one client, {sizes.throttled_blob // MiB} MiB, the upstream sending each"
+        f"11. Cold, one client, {sizes.throttled_blob // MiB} MiB, the upstream sending each"
         f" connection at {rate / MiB:g} MiB/s"
     )
     direct, tx = f.m("throttled.direct_s"), f.m("throttled.txregistry_s")

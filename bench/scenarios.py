@@ -22,7 +22,15 @@ from typing import TypeVar
 
 from harness.network import free_port
 from harness.skopeo import Skopeo
-from harness.swift import ACCESS_KEY, BUCKET, REGION, SECRET_KEY, Swift, botocore_client
+from harness.swift import (
+    ACCESS_KEY,
+    BUCKET,
+    REGION,
+    SECRET_KEY,
+    Swift,
+    botocore_client,
+    create_bucket,
+)
 
 from bench.clients import (
     MANIFEST_ACCEPT,
@@ -455,8 +463,8 @@ class Bench:
         from txregistry.storage.s3 import object_key
 
         self.swift = Swift(self.directory / "swift").start()
+        create_bucket(self.swift.endpoint, BUCKET)
         s3 = botocore_client(self.swift.endpoint)
-        s3.create_bucket(Bucket=BUCKET)
         node = self._started(
             TxRegistry(
                 self.directory / "txregistry-s3",

@@ -40,11 +40,11 @@ def logs():
 @pytest.fixture(scope="session")
 def swift(tmp_path_factory):
     """OpenStack Swift with s3api on loopback, holding the bucket L{BUCKET}."""
-    from harness.swift import BUCKET, Swift, botocore_client
+    from harness.swift import BUCKET, Swift, create_bucket
 
     server = Swift(tmp_path_factory.mktemp("swift")).start()
     try:
-        botocore_client(server.endpoint).create_bucket(Bucket=BUCKET)
+        create_bucket(server.endpoint, BUCKET)
         yield server
     finally:
         server.stop()

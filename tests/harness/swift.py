@@ -294,3 +294,26 @@ def botocore_client(endpoint: str):
         aws_secret_access_key=SECRET_KEY,
         config=botocore.config.Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
     )
+
+
+def create_bucket(endpoint: str, bucket: str, deadline: float = 30.0) -> None:
+    """
+    Create C{bucket}, asking again while Swift, just started, answers 503
+    ("Please reduce your request rate") because its rings and memcached are
+    not all ready yet; the deadline only guards against a Swift that never is.
+    """
+    import time
+
+    import botocore.exceptions
+
+    client = botocore_client(endpoint)
+    give_up = time.monotonic() + deadline
+    while True:
+        try:
+            client.create_bucket(Bucket=bucket)
+            return
+        except botocore.exceptions.ClientError as e:
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status not in (500, 503) or time.monotonic() > give_up:
+                raise
+        time.sleep(0.2)
