@@ -16,6 +16,27 @@ from typing import Any
 MAX_REASON_PHRASE = 500
 
 
+# The distribution spec's error codes ("Error Codes"): the ones a client knows.
+SPEC_CODES = frozenset(
+    {
+        "BLOB_UNKNOWN",
+        "BLOB_UPLOAD_INVALID",
+        "BLOB_UPLOAD_UNKNOWN",
+        "DIGEST_INVALID",
+        "MANIFEST_BLOB_UNKNOWN",
+        "MANIFEST_INVALID",
+        "MANIFEST_UNKNOWN",
+        "NAME_INVALID",
+        "NAME_UNKNOWN",
+        "SIZE_INVALID",
+        "UNAUTHORIZED",
+        "DENIED",
+        "UNSUPPORTED",
+        "TOOMANYREQUESTS",
+    }
+)
+
+
 def reason_phrase(text: str) -> bytes:
     """
     C{text} made fit for an HTTP/1.1 status line's reason phrase (RFC 9112

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from txregistry.oci.errors import RegistryError
+from txregistry.oci.errors import SPEC_CODES, RegistryError
 
 _MB, _MiB = 1000 * 1000, 1 << 20
 # Body limits as proxies and CDNs set them: 1, 2, 5, 10, 20, 25, 50, 100,
@@ -65,22 +65,9 @@ STORAGE_CAUSE = (
 )
 
 
-# The distribution spec's error codes ("Error Codes"), which a client knows.
-SPEC_CODES = frozenset(
-    {
-        "BLOB_UNKNOWN",
-        "BLOB_UPLOAD_INVALID",
-        "BLOB_UPLOAD_UNKNOWN",
-        "DIGEST_INVALID",
-        "MANIFEST_BLOB_UNKNOWN",
-        "MANIFEST_INVALID",
-        "MANIFEST_UNKNOWN",
-        "NAME_INVALID",
-        "NAME_UNKNOWN",
-        "SIZE_INVALID",
-        "UNSUPPORTED",
-    }
-)
+# The spec's codes an origin's 400 or 404 may pass on to the client; the
+# access and rate codes come with their own statuses, decided below.
+PASSED_ON_CODES = SPEC_CODES - {"UNAUTHORIZED", "DENIED", "TOOMANYREQUESTS"}
 
 
 def format_size(size: int) -> str:
@@ -146,7 +133,7 @@ class PushFailed(RegistryError):
             status, code = 502, "UNAVAILABLE"
         else:
             status = answer.status if answer.status in (400, 404) else 400
-            code = answer.code if answer.code in SPEC_CODES else ""
+            code = answer.code if answer.code in PASSED_ON_CODES else ""
             if manifest_step and code == "BLOB_UNKNOWN":
                 code = "MANIFEST_BLOB_UNKNOWN"
             if not code:
